@@ -1,0 +1,290 @@
+"""Typed run configuration: one YAML file (+ ``key=value`` overrides) -> a validated ``RunConfig``.
+
+Every field is checked before Ray starts, so a typo or an impossible value fails at once with a
+message that names the field (``pretrain.mask_ratio``, ``model.patch_size`` ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from mimir.models.registry import ARCHITECTURES
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the offending field."""
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Accept budgets the way papers write them: ``8/255`` as well as ``0.0313``."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ValueError(f"cannot read {value!r} as a number or fraction") from err
+    return value
+
+
+Budget = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "digits"  # a name under `root`, or a path to a prepared dataset folder
+    root: str | None = None  # folder of prepared datasets; default $MIMIR_DATA_DIR or ~/.cache/mimir/datasets
+    img_size: int = Field(16, gt=0)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    hflip: bool = True
+    augment: Literal["weak", "mix", "randaug"] = "weak"  # fine-tuning: weak, +MixUp/CutMix, +RandAugment
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    cutmix_alpha: float = Field(1.0, ge=0.0)
+    generated: str | None = None  # prepared EDM-style generated data mixed into fine-tuning batches
+    generated_fraction: float = Field(0.7, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = "vit_tiny"
+    patch_size: int = Field(2, gt=0)
+    decoder_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(16, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    embed_dim: int | None = Field(None, gt=0)  # override the architecture's width (small experiments)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        return self
+
+
+class AttackConfig(_Strict):
+    steps: int = Field(1, ge=0)  # 0: no attack
+    eps: Budget = 8 / 255
+    step_size: Budget = 10 / 255
+    random_start: bool = True
+
+
+class MIConfig(_Strict):
+    estimator: Literal["none", "hsic", "hsic_cca", "renyi"] = "hsic"
+    weight: float = Field(1e-5, ge=0.0)  # lambda in Eq. 8
+    alpha: float = Field(1.01, gt=0.0)  # Renyi order
+    sigma: float | None = Field(None, gt=0.0)  # kernel width; None = median heuristic (hsic_cca: 5.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MIConfig":
+        if self.estimator == "renyi" and self.alpha == 1.0:
+            raise ValueError("alpha must differ from 1 for the Renyi estimator")
+        return self
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(..., ge=1)
+    warmup_epochs: float = Field(0, ge=0)
+    batch_size: int = Field(..., ge=2)  # total over all workers
+    blr: float = Field(..., gt=0)  # lr = blr * batch_size / 256
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (and always the last)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size / 256
+
+
+class PretrainConfig(OptimConfig):
+    enabled: bool = True  # False: fine-tune from scratch (the "no pre-training" baseline)
+    epochs: int = Field(800, ge=1)
+    warmup_epochs: float = Field(40, ge=0)
+    batch_size: int = Field(512, ge=2)
+    blr: float = Field(1.5e-4, gt=0)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    norm_pix_loss: bool = True
+    attack: AttackConfig = AttackConfig()
+    mi: MIConfig = MIConfig()
+
+
+class FinetuneConfig(OptimConfig):
+    method: Literal["clean", "pgd", "fast", "trades", "mart"] = "pgd"
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(128, ge=2)
+    blr: float = Field(5e-2, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = Field(0.65, gt=0.0, le=1.0)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    attack: AttackConfig = AttackConfig(steps=10, eps=8 / 255, step_size=2 / 255)
+    beta: float = Field(6.0, ge=0.0)  # TRADES / MART regularization weight
+    clip_grad: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_attack(self) -> "FinetuneConfig":
+        if self.method != "clean" and self.attack.steps < 1:
+            raise ValueError(f"method {self.method!r} needs attack.steps >= 1")
+        return self
+
+
+EVAL_ATTACKS = ("natural", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature")
+
+
+class EvaluateConfig(_Strict):
+    attacks: list[Literal["natural", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature"]] = [
+        "natural", "pgd20"]
+    num_images: int | None = Field(None, ge=1)  # None: the whole test split
+    batch_size: int = Field(256, ge=1)
+    eps: Budget = 8 / 255
+    step_size: Budget = 2 / 255
+    adaptive_steps: int = Field(100, ge=1)  # PGD-MI and PGD-feature
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between workers
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_failures: int = Field(0, ge=-1)  # Ray Train restarts from the last checkpoint; -1 = forever
+    storage_path: str | None = None  # local path or URI (s3://, gs://); default: output_dir
+
+
+class RunConfig(_Strict):
+    name: str = "mimir"
+    output_dir: str = "results/mimir"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "RunConfig":
+        size, patch = self.data.img_size, self.model.patch_size
+        if size % patch:
+            raise ValueError(f"model.patch_size {patch} does not divide data.img_size {size}")
+        ARCHITECTURES[self.model.arch].check(size // patch, self.pretrain.mask_ratio, patch)
+        for stage in ("pretrain", "finetune"):
+            batch = getattr(self, stage).batch_size
+            if batch % self.scaling.num_workers:
+                raise ValueError(
+                    f"{stage}.batch_size {batch} is not divisible by scaling.num_workers "
+                    f"{self.scaling.num_workers}")
+        return self
+
+    def pretrain_hash(self) -> str:
+        """Hash of everything that determines the pre-trained weights (cache key for sweeps)."""
+        keep = {k: self.model_dump(mode="json")[k] for k in ("seed", "data", "model", "pretrain")}
+        keep["data"] = {k: v for k, v in keep["data"].items()
+                        if k in ("dataset", "img_size", "mean", "std", "crop_scale", "hflip")}
+        keep["scaling"] = {"num_workers": self.scaling.num_workers}
+        return _digest(keep)
+
+    def config_hash(self) -> str:
+        return _digest(self.model_dump(mode="json"))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {field}: {msg}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["pretrain.epochs=2", "model.arch=vit_small"]`` -> nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
+                 source: str = "") -> RunConfig:
+    """Validate a raw dict (plus overrides) into a RunConfig, or raise ConfigError naming the fields."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    merged = deep_merge(raw, overrides or {})
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source or "(in memory)")) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return build_config(load_yaml(path), overrides, source=str(path))

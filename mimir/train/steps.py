@@ -1,0 +1,160 @@
+"""Pure PyTorch training steps: model, optimizer and batch in; loss and metrics out.
+
+They know nothing of Ray, so the per-worker loops call them and tests exercise them directly.
+A model may arrive wrapped in DistributedDataParallel: the update goes through the wrapper (so
+gradients are all-reduced), attacks and masks use the bare module (no gradient sync needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+from mimir import attacks
+from mimir.config import FinetuneConfig, OptimConfig, PretrainConfig
+from mimir.mi import Estimator
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None = fp32) and the fp16 GradScaler, for one device."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def create(cls, precision: str, device: torch.device) -> "Precision":
+        if precision == "auto":
+            precision = "fp16" if device.type == "cuda" else "fp32"
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+        return cls(device.type, dtype, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+# -- learning rate -------------------------------------------------------------------------------
+def lr_at(epoch: float, cfg: OptimConfig) -> float:
+    """Linear warm-up then half-cycle cosine, evaluated per iteration (``epoch`` is fractional)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * epoch / cfg.warmup_epochs
+    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def pretrain_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on biases and norms (MAE)."""
+    groups = param_groups_weight_decay(unwrap(model), cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def finetune_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay over the timm network's blocks (BEiT / MAE fine-tuning)."""
+    net = unwrap(model).net
+    groups = param_groups_layer_decay(net, cfg.weight_decay, no_weight_decay_list=net.no_weight_decay(),
+                                      layer_decay=cfg.layer_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# -- the update ----------------------------------------------------------------------------------
+def _params(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for group in optimizer.param_groups:
+        yield from group["params"]
+
+
+def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: Precision,
+                 clip_grad: float | None) -> bool:
+    """Backward and step; returns False (weights untouched) when the loss or gradients are not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss.detach()):
+        return False
+    scaler = precision.scaler
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(list(_params(optimizer)), clip_grad or float("inf"))
+    if scaler:
+        scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
+        scaler.update()
+        return bool(torch.isfinite(norm))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  cfg: PretrainConfig, precision: Precision, estimator: Estimator | None) -> dict[str, float]:
+    """One step of Algorithm 1 with Eq. 8: attack the visible patches, reconstruct the clean image,
+    penalize I(x + delta, z). ``attack.steps == 0`` is MAE; ``mi.weight == 0`` is Adv-MAE."""
+    mae = unwrap(model)
+    keep = mae.sample_keep(images.shape[0], images.device)
+    if cfg.attack.steps > 0:
+        with precision.autocast():
+            adv = attacks.reconstruction_attack(mae, images, keep, cfg.attack.eps, cfg.attack.step_size,
+                                                cfg.attack.steps, cfg.attack.random_start)
+    else:
+        adv = images
+    with precision.autocast():
+        pred, latent = model(adv, keep)
+        mse = mae.reconstruction_loss(pred, images, keep)
+    use_mi = estimator is not None and cfg.mi.weight > 0
+    mi = estimator(adv, latent) if use_mi else torch.zeros((), device=images.device)
+    loss = mse + cfg.mi.weight * mi if use_mi else mse
+    updated = apply_update(loss, optimizer, precision, cfg.clip_grad)
+    return {"loss": loss.item(), "mse": mse.item(), "mi": mi.item(), "skipped": float(not updated)}
+
+
+def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  labels: torch.Tensor, cfg: FinetuneConfig, precision: Precision) -> dict[str, float]:
+    """One fine-tuning step: clean, PGD-k, FastAT (FGSM-RS), TRADES or MART.
+
+    ``labels`` are class ids (B,) or soft targets (B, C) from MixUp / CutMix. Adversarial examples
+    are crafted with the model in eval mode (no drop path), the update runs in train mode.
+    Accuracy is measured on the inputs the update trains on (adversarial for the robust methods).
+    """
+    net = unwrap(model)
+    a = cfg.attack
+    with precision.autocast():
+        adv = None
+        if cfg.method != "clean":
+            net.eval()
+            if cfg.method == "trades":
+                adv = attacks.trades_adversary(net, images, a.eps, a.step_size, a.steps)
+            elif cfg.method == "fast":
+                adv = attacks.fgsm_rs(net, images, labels, a.eps)
+            else:  # pgd, mart
+                adv = attacks.pgd_ce(net, images, labels, a.eps, a.step_size, a.steps, a.random_start)
+            net.train()
+        if cfg.method in ("trades", "mart"):
+            logits_nat, logits = model(torch.cat([images, adv])).float().chunk(2)
+            loss_fn = attacks.trades_loss if cfg.method == "trades" else attacks.mart_loss
+            loss = loss_fn(logits_nat, logits, labels, cfg.beta)
+        else:
+            logits = model(images if adv is None else adv).float()
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    updated = apply_update(loss, optimizer, precision, cfg.clip_grad)
+    hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
+    acc = (logits.argmax(dim=1) == hard).float().mean()
+    return {"loss": loss.item(), "acc": acc.item(), "skipped": float(not updated)}
