@@ -133,12 +133,16 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b
     Uses the original ``autoattack`` package when installed, else ``pyautoattack``.
     """
     try:
-        from autoattack import AutoAttack  # the reference implementation, if the user has it
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device.type,
-                               seed=seed, verbose=False)
-        return adversary.run_standard_evaluation(x, y, bs=batch_size)
+        from autoattack import AutoAttack as Reference
     except ImportError:
-        from pyautoattack import AutoAttack
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
-        adversary.verbose = False
-        return adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        Reference = None
+    if Reference is not None:
+        adversary = Reference(model, norm="Linf", eps=eps, version="standard", device=x.device.type,
+                              seed=seed, verbose=False)
+        return adversary.run_standard_evaluation(x, y, bs=batch_size)
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
+    adversary.verbose = False
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    return x_adv

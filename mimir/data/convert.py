@@ -88,7 +88,8 @@ def prepare_dataset(name: str, source: str | Path | None, out_dir: str | Path, *
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     if download and name != "cifar10":
-        raise DatasetError(f"{name}: only CIFAR-10 can be downloaded; pass the path of a local copy as source")
+        raise DatasetError(f"{name}: only CIFAR-10 can be downloaded; "
+                           "pass the path of a local copy as source")
     if rows_per_shard < 1:
         raise DatasetError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     folder = name_as or name
@@ -138,7 +139,7 @@ def write_dataset(spec: DatasetSpec, dataset_dir: str | Path, *, source: str,
             "splits": splits,
             "source": source,
         }
-        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _install(partial, dataset_dir, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -153,7 +154,7 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"{dataset_dir}: not a prepared dataset (no manifest.json)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: unreadable manifest ({exc})") from exc
     problem = _manifest_problem(manifest)
@@ -176,7 +177,8 @@ def verify_dataset(dataset_dir: str | Path) -> None:
                 raise DatasetError(f"{path}: checksum mismatch (shard is corrupt or was modified)")
             rows += pq.read_metadata(path).num_rows
         if rows != info["num_rows"]:
-            raise DatasetError(f"{dataset_dir}: split {split!r} has {rows} rows, manifest says {info['num_rows']}")
+            raise DatasetError(f"{dataset_dir}: split {split!r} has {rows} rows, "
+                               f"manifest says {info['num_rows']}")
 
 
 def read_split_arrays(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +186,8 @@ def read_split_arrays(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, 
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     if manifest["encoding"] != "raw":
-        raise DatasetError(f"{dataset_dir}: images are stored encoded; only raw datasets can be read as arrays")
+        raise DatasetError(f"{dataset_dir}: images are stored encoded; "
+                           "only raw datasets can be read as arrays")
     if split not in manifest["splits"]:
         raise DatasetError(f"{dataset_dir}: no split {split!r} (has {', '.join(manifest['splits'])})")
     shape = tuple(manifest["image_shape"])
@@ -351,6 +354,13 @@ def _array_rows(images: np.ndarray, labels: np.ndarray) -> Iterator[Row]:
         yield image.tobytes(), int(label)
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable text file ({exc})") from exc
+
+
 def _require_dir(path: Path) -> None:
     if not path.exists():
         raise DatasetError(f"{path}: not found")
@@ -388,7 +398,8 @@ def _decode_rgb(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: unreadable image ({exc})") from exc
     if array.shape != shape:
-        raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
+        raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, "
+                           f"expected {shape[1]}x{shape[0]}")
     return array
 
 
@@ -468,7 +479,8 @@ def _cifar10_blobs(source: Path) -> dict[str, tuple[str, bytes]]:
 def _cifar10_folder_blobs(folder: Path) -> dict[str, tuple[str, bytes]]:
     missing = [name for name in _CIFAR_FILES if not (folder / name).is_file()]
     if missing:
-        raise DatasetError(f"{folder}: missing {', '.join(missing)} (expected the cifar-10-batches-py folder)")
+        raise DatasetError(f"{folder}: missing {', '.join(missing)} "
+                           "(expected the cifar-10-batches-py folder)")
     return {name: (str(folder / name), (folder / name).read_bytes()) for name in _CIFAR_FILES}
 
 
@@ -531,7 +543,7 @@ def _tiny_imagenet_spec(root: Path) -> DatasetSpec:
     wnids_path = root / "wnids.txt"
     if not wnids_path.is_file():
         raise DatasetError(f"{root}: missing 'wnids.txt' (expected the tiny-imagenet-200 folder)")
-    wnids = [line.strip() for line in wnids_path.read_text().splitlines() if line.strip()]
+    wnids = [line.strip() for line in _read_lines(wnids_path) if line.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise DatasetError(f"{wnids_path}: expected one distinct wnid per line")
     label = {wnid: index for index, wnid in enumerate(wnids)}
@@ -548,7 +560,7 @@ def _tiny_imagenet_names(words_path: Path, wnids: list[str]) -> list[str]:
     if not words_path.is_file():
         return list(wnids)
     names = {}
-    for line in words_path.read_text().splitlines():
+    for line in _read_lines(words_path):
         wnid, _, name = line.partition("\t")
         names[wnid.strip()] = name.strip()
     return [names.get(wnid) or wnid for wnid in wnids]
@@ -559,7 +571,7 @@ def _tiny_imagenet_val(val: Path, label: dict[str, int]) -> list[tuple[Path, int
     if not annotations.is_file():
         raise DatasetError(f"{annotations}: missing (expected the tiny-imagenet-200 val split)")
     files = []
-    for lineno, line in enumerate(annotations.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(annotations), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -625,7 +637,8 @@ def _generated_spec(path: Path) -> DatasetSpec:
         raise DatasetError(f"{path}: 'image' must be a non-empty (N, H, W, 3) uint8 array, "
                            f"got {images.dtype} {images.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) and labels.shape == (len(images),)):
-        raise DatasetError(f"{path}: 'label' must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+        raise DatasetError(f"{path}: 'label' must be {len(images)} integers, "
+                           f"got {labels.dtype} {labels.shape}")
     if labels.min() < 0:
         raise DatasetError(f"{path}: 'label' has negative values")
     classes = [str(i) for i in range(int(labels.max()) + 1)]

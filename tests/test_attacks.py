@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mimir import attacks
+from mimir.models import Classifier, build_mae, create_encoder
+from mimir.mi import make_estimator
+
+EPS = 8 / 255
+
+
+def _in_ball(adv, x, eps=EPS):
+    return (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+@pytest.fixture
+def classifier():
+    torch.manual_seed(0)
+    net = create_encoder("vit_tiny", img_size=16, patch_size=4, num_classes=10, embed_dim=64, depth=2,
+                         num_heads=4)
+    return Classifier(net, (0.5,) * 3, (0.5,) * 3).eval()
+
+
+def test_reconstruction_attack_raises_masked_mse_stays_in_ball_and_visible(tiny_config):
+    mae = build_mae(tiny_config)
+    x = torch.rand(8, 3, 16, 16)
+    keep = mae.sample_keep(8)
+    clean_loss = mae.reconstruction_loss(mae(x, keep)[0], x, keep)
+    adv = attacks.reconstruction_attack(mae, x, keep, EPS, 2 / 255, steps=5)
+    adv_loss = mae.reconstruction_loss(mae(adv, keep)[0], x, keep)
+    assert adv_loss > clean_loss
+    assert _in_ball(adv, x)
+    hidden = 1 - mae.pixel_visibility(keep)
+    assert torch.equal(adv * hidden, x * hidden)  # masked patches stay clean
+    assert not torch.equal(adv, x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, x, y: attacks.pgd_ce(m, x, y, EPS, 2 / 255, 10),
+    lambda m, x, y: attacks.fgsm_rs(m, x, y, EPS),
+])
+def test_classifier_attacks_raise_cross_entropy_and_stay_in_ball(classifier, make):
+    x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    adv = make(classifier, x, y)
+    assert _in_ball(adv, x)
+    with torch.no_grad():
+        assert F.cross_entropy(classifier(adv), y) > F.cross_entropy(classifier(x), y)
+    assert all(p.grad is None for p in classifier.parameters())  # attacks leave no parameter grads
+
+
+def test_pgd_respects_image_range_at_the_edges(classifier):
+    x = torch.cat([torch.zeros(4, 3, 16, 16), torch.ones(4, 3, 16, 16)])
+    adv = attacks.pgd_ce(classifier, x, torch.randint(0, 10, (8,)), EPS, 2 / 255, 3)
+    assert _in_ball(adv, x)
+
+
+def test_trades_adversary_raises_kl_and_losses_are_finite(classifier):
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    adv = attacks.trades_adversary(classifier, x, EPS, 2 / 255, 5)
+    assert _in_ball(adv, x)
+    with torch.no_grad():
+        nat, rob = classifier(x), classifier(adv)
+        assert F.kl_div(F.log_softmax(rob, 1), F.softmax(nat, 1), reduction="sum") > 0
+        trades = attacks.trades_loss(nat, rob, y, beta=6.0)
+        assert trades > F.cross_entropy(nat, y)  # KL term is positive
+        assert torch.isfinite(attacks.mart_loss(nat, rob, y, beta=6.0))
+        # with identical logits TRADES reduces to CE
+        assert attacks.trades_loss(nat, nat, y, 6.0).item() == pytest.approx(F.cross_entropy(nat, y).item(), abs=1e-5)
+
+
+def test_adaptive_attacks_raise_their_objectives(classifier):
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    adv = attacks.pgd_feature(classifier, x, EPS, 2 / 255, 5)
+    assert _in_ball(adv, x)
+    with torch.no_grad():
+        assert (classifier.features(adv) - classifier.features(x)).norm() > 0
+    estimator = make_estimator("hsic")
+    adv_mi = attacks.pgd_mi(classifier, x, y, estimator, 1e-5, EPS, 2 / 255, 5)
+    assert _in_ball(adv_mi, x)
+    with torch.no_grad():
+        def objective(z_in):
+            z = classifier.features(z_in)
+            return F.cross_entropy(classifier.head(z), y) + 1e-5 * estimator(z_in, z)
+        assert objective(adv_mi) > objective(x)
+
+
+def test_autoattack_adapter_returns_bounded_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    adv = attacks.autoattack(model, x, y, EPS, batch_size=6)
+    assert adv.shape == x.shape and _in_ball(adv, x)
+    with torch.no_grad():
+        assert (model(adv).argmax(1) == y).float().mean() <= (model(x).argmax(1) == y).float().mean()
