@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,8 +25,9 @@ class ConfigError(ValueError):
 def _parse_fraction(value: Any) -> Any:
     """Accept budgets the way papers write them: ``8/255`` as well as ``0.0313``."""
     if isinstance(value, str) and "/" in value:
+        numerator, _, denominator = value.partition("/")
         try:
-            return float(Fraction(value.replace(" ", "")))
+            return float(numerator) / float(denominator)
         except (ValueError, ZeroDivisionError) as err:
             raise ValueError(f"cannot read {value!r} as a number or fraction") from err
     return value
@@ -177,6 +177,7 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between workers
     cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; default cpus_per_worker
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts from the last checkpoint; -1 = forever
     storage_path: str | None = None  # local path or URI (s3://, gs://); default: output_dir

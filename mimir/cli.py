@@ -1,0 +1,111 @@
+"""The ``mimir`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mimir.config import ConfigError, load_config
+
+ATTACK_TITLES = {"natural": "Natural", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
+                 "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A small Markdown table of the accuracies (%) and stage times in ``results.json``."""
+    lines = []
+    if "accuracy" in results:
+        names = list(results["accuracy"])
+        lines += ["| " + " | ".join(ATTACK_TITLES.get(n, n) for n in names) + " |",
+                  "|" + "---|" * len(names),
+                  "| " + " | ".join(f"{results['accuracy'][n]:.2f}" for n in names) + " |",
+                  f"({results['num_images']} test images, accuracy in %)"]
+    times = ", ".join(f"{stage} {sec:.0f} s" for stage, sec in results.get("seconds", {}).items())
+    if times:
+        lines.append(f"time: {times}")
+    return "\n".join(lines)
+
+
+def _stage_command(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from mimir import runner
+
+    cfg = load_config(args.config, args.overrides)
+    pretrained = finetuned = None
+    if getattr(args, "pretrained", None):
+        pretrained = _checkpoint(args.pretrained)
+    if getattr(args, "checkpoint", None):
+        finetuned = _checkpoint(args.checkpoint)
+    results = runner.run_pipeline(cfg, stages, resume=args.resume, pretrained=pretrained, finetuned=finetuned)
+    print(format_results(results))
+    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    return 0
+
+
+def _checkpoint(path: str) -> Any:
+    import ray.train
+
+    if "://" not in path and not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    return ray.train.Checkpoint(path if "://" in path else str(Path(path).resolve()))
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mimir.data.convert import default_data_dir, prepare_dataset
+
+    out = Path(args.out) if args.out else default_data_dir()
+    path = prepare_dataset(args.name, args.source, out, download=args.download, overwrite=args.overwrite,
+                           name_as=args.name_as)
+    print(f"prepared {args.name} -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimir", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="run config YAML (configs/...)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.epochs=2")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run in output_dir")
+        return p
+
+    stage("run", "pre-train, fine-tune and evaluate").set_defaults(stages=("pretrain", "finetune", "evaluate"))
+    stage("pretrain", "MIMIR pre-training only").set_defaults(stages=("pretrain",))
+    finetune = stage("finetune", "adversarial fine-tuning only")
+    finetune.add_argument("--pretrained", help="pre-training checkpoint (default: the one in output_dir)")
+    finetune.set_defaults(stages=("finetune",))
+    evaluate = stage("evaluate", "robustness evaluation only")
+    evaluate.add_argument("--checkpoint", help="fine-tuned checkpoint (default: the one in output_dir)")
+    evaluate.set_defaults(stages=("evaluate",))
+
+    data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="convert a dataset to Parquet shards once")
+    prepare.add_argument("name", help="cifar10, tiny-imagenet, imagenet, generated or digits")
+    prepare.add_argument("--source", help="archive, folder or .npz to convert")
+    prepare.add_argument("--out", help="folder of prepared datasets (default $MIMIR_DATA_DIR or ~/.cache/mimir/datasets)")
+    prepare.add_argument("--name-as", help="folder name for the prepared dataset")
+    prepare.add_argument("--download", action="store_true", help="fetch CIFAR-10 first (needs a network)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    prepare.set_defaults(handler=_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mimir.data.convert import DatasetError
+    from mimir.runner import StageExistsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "stages"):
+            return _stage_command(args, args.stages)
+        return args.handler(args)
+    except (ConfigError, DatasetError, StageExistsError, FileNotFoundError) as err:
+        print(f"mimir: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

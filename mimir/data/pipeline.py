@@ -1,0 +1,156 @@
+"""Ray Data pipelines: Parquet shards -> decoded, augmented uint8 CHW tensors for the workers.
+
+Decoding, RandomResizedCrop, flips, RandAugment and MixUp / CutMix run as Ray Data ``map_batches``
+stages (on any CPU in the cluster); a worker receives ``image`` (N, C, H, W) uint8, ``label`` (N,)
+int64 and, with MixUp / CutMix, ``target`` (N, num_classes) float32 soft labels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from mimir.config import DataConfig
+from mimir.data.convert import DatasetError, default_data_dir, load_manifest
+from mimir.data.digits import ensure_digits
+
+Batch = dict[str, np.ndarray]
+
+
+def resolve_dataset(data: DataConfig) -> Path:
+    """The prepared dataset folder a config names (the bundled digits are prepared on first use)."""
+    root = Path(data.root).expanduser() if data.root else default_data_dir()
+    if data.dataset == "digits":
+        return ensure_digits(root)
+    candidates = [Path(data.dataset).expanduser(), root / data.dataset]
+    for path in candidates:
+        if (path / "manifest.json").is_file():
+            return path.resolve()
+    raise DatasetError(
+        f"dataset {data.dataset!r} not found (looked in {', '.join(str(p) for p in candidates)}); "
+        f"convert it once with `mimir data prepare NAME --source PATH --out {root}`")
+
+
+def split_files(dataset_dir: Path, split: str) -> list[str]:
+    manifest = load_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise DatasetError(f"{dataset_dir}: no {split!r} split (has {sorted(manifest['splits'])})")
+    return [str(dataset_dir / f) for f in manifest["splits"][split]["files"]]
+
+
+def decode(images: np.ndarray, manifest: dict[str, Any]) -> list[np.ndarray]:
+    """Parquet ``image`` cells -> HWC uint8 arrays (raw bytes reshaped, or JPEG/PNG decoded)."""
+    if manifest["encoding"] == "raw":
+        shape = tuple(manifest["image_shape"])
+        return [np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in images]
+    return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy of the buffer
+
+
+def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool) -> Batch:
+    """Decode + RandomResizedCrop + horizontal flip (+ RandAugment), per image."""
+    ops = [T.RandomResizedCrop(data.img_size, scale=data.crop_scale, antialias=True)]
+    if data.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if randaugment:
+        ops.append(T.RandAugment(num_ops=2, magnitude=9))
+    transform = T.Compose(ops)
+    images = [transform(_chw(img)) for img in decode(batch["image"], manifest)]
+    return {"image": torch.stack(images).numpy(), "label": batch["label"].astype(np.int64)}
+
+
+def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int) -> Batch:
+    """Decode + resize (shorter side) + centre crop to the model's size; deterministic."""
+    out = []
+    for img in decode(batch["image"], manifest):
+        x = _chw(img)
+        if x.shape[-2:] != (img_size, img_size):
+            x = TF.center_crop(TF.resize(x, img_size, antialias=True), img_size)
+        out.append(x)
+    return {"image": torch.stack(out).numpy(), "label": batch["label"].astype(np.int64)}
+
+
+def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              rng: np.random.Generator | None = None) -> Batch:
+    """MixUp or CutMix (chosen 50/50 per batch) with the batch reversed as partner; adds ``target``."""
+    rng = rng or np.random.default_rng()
+    images = batch["image"].astype(np.float32)
+    onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+    partner = images[::-1]
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = rng.integers(h), rng.integers(w)
+        y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, h)
+        x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, w)
+        images[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually swapped
+    else:
+        images = lam * images + (1 - lam) * partner
+    return {"image": np.rint(images).clip(0, 255).astype(np.uint8), "label": batch["label"],
+            "target": lam * onehot + (1 - lam) * onehot[::-1]}
+
+
+def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_size: int | None = None,
+                  generated_dir: Path | None = None) -> ray.data.Dataset:
+    """The augmented training split; for fine-tuning optionally mixed with generated data and
+    MixUp / CutMix / RandAugment as ``data.augment`` says."""
+    manifest = load_manifest(dataset_dir)
+    ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
+    if generated_dir is not None and finetune:
+        ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction)
+    # plain tasks (not an actor pool) so the read fuses with the transform and holds no CPU idle
+    ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
+        manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug"))
+    if finetune and data.augment in ("mix", "randaug"):
+        ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=dict(
+            num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha))
+    return ds
+
+
+def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_dir: Path,
+                    fraction: float) -> ray.data.Dataset:
+    """Add generated rows so they make up ``fraction`` of each epoch (the authors' unsup fraction)."""
+    gen_manifest = load_manifest(generated_dir)
+    if gen_manifest["image_shape"] != manifest["image_shape"] or gen_manifest["encoding"] != manifest["encoding"]:
+        raise DatasetError(f"{generated_dir}: generated images {gen_manifest['image_shape']} do not match "
+                           f"the dataset's {manifest['image_shape']}")
+    n_real = sum(s["num_rows"] for name, s in manifest["splits"].items() if name == "train")
+    n_gen_available = gen_manifest["splits"]["train"]["num_rows"]
+    wanted = int(round(n_real * fraction / (1 - fraction)))
+    generated = ray.data.read_parquet(split_files(generated_dir, "train"))
+    if wanted < n_gen_available:
+        generated = generated.random_sample(wanted / n_gen_available)
+    return real.union(generated).random_shuffle()
+
+
+def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None) -> ray.data.Dataset:
+    """The test split, decoded and resized, in stored order (the first ``num_images`` when given)."""
+    manifest = load_manifest(dataset_dir)
+    ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
+    if num_images is not None:
+        ds = ds.limit(num_images)
+    return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size))
+
+
+def num_train_rows(dataset_dir: Path, data: DataConfig, finetune: bool) -> int:
+    """Rows per epoch, as the learning-rate schedule needs to know the steps per epoch up front."""
+    manifest = load_manifest(dataset_dir)
+    rows = manifest["splits"]["train"]["num_rows"]
+    if finetune and data.generated:
+        rows += int(round(rows * data.generated_fraction / (1 - data.generated_fraction)))
+    return rows

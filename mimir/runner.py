@@ -1,0 +1,237 @@
+"""Orchestration: Ray start-up, the pre-training and fine-tuning TorchTrainers, the evaluation task,
+and the whole pipeline that writes ``results.json``.
+
+Storage: every stage is a Ray Train run ``<storage>/<stage name>`` (storage = ``scaling.storage_path``
+or ``output_dir``; a local path or a URI such as ``s3://bucket/x``). Re-creating a trainer with the
+same storage and name makes Ray Train restore its latest checkpoint, which is how ``--resume`` and
+driver restarts continue; a finished stage leaves ``mimir_stage.json`` in its run folder and is not
+run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from mimir.config import RunConfig
+from mimir.data.pipeline import (eval_dataset, num_train_rows, resolve_dataset, train_dataset)
+from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.data.convert import load_manifest
+
+STAGE_RECORD = "mimir_stage.json"
+STAGES = ("pretrain", "finetune", "evaluate")
+log = logging.getLogger("mimir")
+
+
+class StageExistsError(RuntimeError):
+    """A run folder holds earlier work and neither --resume nor a new output_dir was given."""
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start an in-process local Ray; quiet by default."""
+    if ray.is_initialized():
+        return
+    # progress bars of Ray Data would bury the per-epoch lines; the env var reaches remote tasks too
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True,
+                                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+# -- storage ------------------------------------------------------------------------------------
+def storage_root(cfg: RunConfig) -> str:
+    """Absolute local path or URI under which the stages' Ray Train runs live."""
+    root = cfg.scaling.storage_path or cfg.output_dir
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
+    fs, path = _fs(_join(storage, name, STAGE_RECORD))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def _write_stage_record(storage: str, name: str, record: dict[str, Any]) -> None:
+    fs, path = _fs(_join(storage, name, STAGE_RECORD))
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(record, indent=2).encode())
+
+
+def _run_exists(storage: str, name: str) -> bool:
+    fs, path = _fs(_join(storage, name))
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def stage_checkpoint(storage: str, record: dict[str, Any]) -> ray.train.Checkpoint:
+    return ray.train.Checkpoint(_join(storage, record["checkpoint"]))
+
+
+# -- trainers -----------------------------------------------------------------------------------
+def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],
+         dataset: ray.data.Dataset, resume: bool, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint."""
+    record = read_stage_record(storage, name)
+    if record is not None:
+        print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
+        return stage_checkpoint(storage, record)
+    if _run_exists(storage, name) and not resume:
+        raise StageExistsError(
+            f"{_join(storage, name)} holds an unfinished {stage} run; pass --resume to continue it, "
+            "or choose another output_dir")
+    trainer = ray.train.torch.TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=_scaling(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=list(callbacks) or None,
+            logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"[{stage}] finished without a checkpoint")
+    relative = result.checkpoint.path.rstrip("/").rsplit("/", 2)[-2:]
+    record = {"stage": stage, "checkpoint": "/".join(relative), "metrics": result.metrics,
+              "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
+    _write_stage_record(storage, name, record)
+    return stage_checkpoint(storage, record)
+
+
+def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pretrain", resume: bool = False,
+                 callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """MIMIR pre-training on Ray Train; returns the final checkpoint."""
+    from mimir.train.loops import pretrain_worker
+
+    dataset_dir = resolve_dataset(cfg.data)
+    steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
+    ds = train_dataset(dataset_dir, cfg.data, finetune=False)
+    return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
+                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps}, ds, resume, callbacks)
+
+
+def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
+                 name: str = "finetune", resume: bool = False, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """Adversarial fine-tuning on Ray Train from a pre-training checkpoint (None: from scratch)."""
+    from mimir.train.loops import finetune_worker
+
+    dataset_dir = resolve_dataset(cfg.data)
+    generated = resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})) \
+        if cfg.data.generated else None
+    manifest = load_manifest(dataset_dir)
+    steps = max(num_train_rows(dataset_dir, cfg.data, finetune=True) // cfg.finetune.batch_size, 1)
+    ds = train_dataset(dataset_dir, cfg.data, finetune=True,
+                       batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers, generated_dir=generated)
+    loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
+                   "num_classes": manifest["num_classes"], "pretrained": pretrained}
+    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config, ds, resume,
+                callbacks)
+
+
+def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    cfg = RunConfig.model_validate(cfg_json)
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    ds = eval_dataset(resolve_dataset(cfg.data), cfg.data, cfg.evaluate.num_images)
+    images, labels = [], []
+    for batch in ds.iter_torch_batches(batch_size=1024):
+        images.append(batch["image"].float().div_(255))
+        labels.append(batch["label"])
+    with checkpoint.as_directory() as directory:
+        model = load_classifier(directory, cfg, device)
+    return evaluate_classifier(model, torch.cat(images), torch.cat(labels), cfg)
+
+
+def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """Evaluation as a Ray task (on a GPU when the config asks for one)."""
+    s = cfg.scaling
+    task = ray.remote(_evaluate_task).options(num_cpus=s.cpus_per_worker,
+                                              num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+    # preserve_order keeps the test images in stored order, so "the first N" is well defined
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
+
+
+def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False,
+                 pretrained: ray.train.Checkpoint | None = None,
+                 finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
+    """pre-train -> fine-tune -> evaluate (or a subset); writes and returns ``results.json``."""
+    init_ray()
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    storage = storage_root(cfg)
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(mode="json"),
+                               "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
+    if "pretrain" in stages and cfg.pretrain.enabled:
+        started = time.perf_counter()
+        pretrained = run_pretrain(cfg, storage=storage, resume=resume)
+        timings["pretrain"] = time.perf_counter() - started
+        results["pretrain"] = read_stage_record(storage, "pretrain")
+    if "finetune" in stages:
+        if pretrained is None and cfg.pretrain.enabled:
+            record = read_stage_record(storage, "pretrain")
+            if record is None:
+                raise FileNotFoundError(f"no finished pre-training in {_join(storage, 'pretrain')}; run "
+                                        "`mimir pretrain` first or pass --pretrained CHECKPOINT")
+            pretrained = stage_checkpoint(storage, record)
+        started = time.perf_counter()
+        finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume)
+        timings["finetune"] = time.perf_counter() - started
+        results["finetune"] = read_stage_record(storage, "finetune")
+    if "evaluate" in stages:
+        if finetuned is None:
+            record = read_stage_record(storage, "finetune")
+            if record is None:
+                raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
+                                        "`mimir finetune` first or pass --checkpoint CHECKPOINT")
+            finetuned = stage_checkpoint(storage, record)
+        started = time.perf_counter()
+        evaluation = run_evaluate(cfg, finetuned)
+        timings["evaluate"] = time.perf_counter() - started
+        results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
+                       attack_seconds=evaluation["seconds"])
+    results["seconds"] = timings
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
