@@ -19,3 +19,29 @@ def tiny_config():
         "pretrain": {"batch_size": 16, "epochs": 10, "warmup_epochs": 0},
         "finetune": {"batch_size": 16, "epochs": 10, "warmup_epochs": 0},
     })
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process local Ray shared by every test that needs it (starting Ray costs seconds)."""
+    import ray
+
+    from mimir.runner import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A private dataset cache so tests never touch the user's ~/.cache."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+def quick_overrides(output_dir, data_root, pretrain_epochs=2, finetune_epochs=1):
+    """The quickstart shrunk to seconds: few epochs, few evaluation images."""
+    return [f"output_dir={output_dir}", f"data.root={data_root}",
+            f"pretrain.epochs={pretrain_epochs}", "pretrain.warmup_epochs=0", "pretrain.checkpoint_every=1",
+            f"finetune.epochs={finetune_epochs}", "finetune.warmup_epochs=0", "finetune.attack.steps=1",
+            "evaluate.num_images=64", "evaluate.attacks=[natural, pgd20]"]

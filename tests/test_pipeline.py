@@ -1,0 +1,109 @@
+"""The Ray pipeline end to end: TorchTrainer stages over Ray Data, evaluation, results.json, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import quick_overrides
+from mimir import cli, runner
+from mimir.config import load_config
+from mimir.data.pipeline import eval_dataset, mix_batch, resolve_dataset, train_dataset
+from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.train.checkpoint import load_state
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_mix_batch_makes_soft_targets_that_sum_to_one():
+    import numpy as np
+
+    batch = {"image": np.random.default_rng(0).integers(0, 255, (6, 3, 8, 8), dtype=np.uint8),
+             "label": np.arange(6) % 3}
+    for seed in range(4):
+        out = mix_batch(batch, 3, 0.8, 1.0, np.random.default_rng(seed))
+        assert out["target"].shape == (6, 3)
+        assert np.allclose(out["target"].sum(1), 1.0)
+        assert out["image"].dtype == np.uint8
+
+
+def test_ray_data_pipelines_deliver_tensors_in_order(ray_local, data_root):
+    cfg = load_config(QUICKSTART, [f"data.root={data_root}"])
+    path = resolve_dataset(cfg.data)
+    batch = next(iter(train_dataset(path, cfg.data, finetune=False).iter_torch_batches(batch_size=16)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 3, 16, 16)
+    first = eval_dataset(path, cfg.data, num_images=40).take_batch(40)
+    again = eval_dataset(path, cfg.data, num_images=40).take_batch(40)
+    assert (first["label"] == again["label"]).all() and (first["image"] == again["image"]).all()
+
+
+def test_mimir_run_writes_results_that_come_from_the_run(ray_local, data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"natural", "pgd20"} and results["num_images"] == 64
+    assert results["pretrain"]["metrics"]["epoch"] == 1 and results["finetune"]["metrics"]["epoch"] == 0
+    # re-evaluate the fine-tuned checkpoint here: the numbers in results.json are that model's
+    cfg = load_config(QUICKSTART, quick_overrides(out, data_root))
+    checkpoint = runner.stage_checkpoint(runner.storage_root(cfg), results["finetune"])
+    with checkpoint.as_directory() as directory:
+        model = load_classifier(directory, cfg)
+        assert load_state(directory)["num_classes"] == 10
+    test = eval_dataset(resolve_dataset(cfg.data), cfg.data, 64).take_batch(64)
+    images = torch.from_numpy(test["image"]).float() / 255
+    natural = evaluate_classifier(model, images, torch.from_numpy(test["label"]),
+                                  cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"attacks": ["natural"]})}))
+    assert natural["accuracy"]["natural"] == pytest.approx(results["accuracy"]["natural"])
+    # a second `run` on the same output_dir reuses the finished stages instead of training again
+    assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_two_worker_trainer_runs_ddp_on_cpu(ray_local, data_root, tmp_path):
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root, pretrain_epochs=1) + [
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"])
+    checkpoint = runner.run_pretrain(cfg)
+    record = runner.read_stage_record(runner.storage_root(cfg), "pretrain")
+    assert record["metrics"]["epoch"] == 0 and record["metrics"]["images_per_second"] > 0
+    with checkpoint.as_directory() as directory:
+        assert load_state(directory)["config"]["scaling"]["num_workers"] == 2
+
+
+def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root))
+    (tmp_path / "pretrain").mkdir(parents=True)
+    with pytest.raises(runner.StageExistsError, match="--resume"):
+        runner.run_pretrain(cfg)
+
+
+def test_resume_after_interruption_reaches_the_same_final_epoch(ray_local, data_root, tmp_path):
+    """Kill a real `mimir pretrain` after its first checkpoint, then `--resume` it."""
+    epochs = 4
+    args = ["pretrain", str(QUICKSTART), *quick_overrides(tmp_path, data_root, pretrain_epochs=epochs)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list((tmp_path / "pretrain").glob("checkpoint_*/state.json")):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert runner.read_stage_record(str(tmp_path), "pretrain") is None  # it really was cut short
+    cfg = load_config(QUICKSTART, args[2:])
+    checkpoint = runner.run_pretrain(cfg, resume=True)
+    with checkpoint.as_directory() as directory:
+        assert load_state(directory)["epoch"] == epochs - 1
+    assert runner.read_stage_record(str(tmp_path), "pretrain")["metrics"]["epoch"] == epochs - 1
