@@ -9,7 +9,7 @@ from typing import Any
 
 from mimir.config import ConfigError, load_config
 
-ATTACK_TITLES = {"natural": "Natural", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
+ATTACK_TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
                  "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
 
 
@@ -61,6 +61,30 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from mimir.report import write_reports
+    from mimir.sweep import load_spec, run_sweep
+
+    experiment = run_sweep(args.spec, args.overrides, out=args.out, storage_url=args.storage, resume=args.resume)
+    spec, _ = load_spec(args.spec)
+    print(write_reports(spec, experiment))
+    print(f"experiment: {experiment}")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from mimir.report import write_reports
+    from mimir.sweep import experiment_dir, load_spec
+
+    spec, _ = load_spec(args.spec)
+    experiment = experiment_dir(spec, args.out)
+    if not experiment.is_dir():
+        raise FileNotFoundError(f"no sweep results in {experiment}; run `mimir sweep {args.spec}` first")
+    print(write_reports(spec, experiment))
+    print(f"written: {experiment}/table.md, table.csv, table.tex")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimir", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = stage("evaluate", "robustness evaluation only")
     evaluate.add_argument("--checkpoint", help="fine-tuned checkpoint (default: the one in output_dir)")
     evaluate.set_defaults(stages=("evaluate",))
+
+    sweep = sub.add_parser("sweep", help="Ray Tune + Optuna sweep from a tune/*.yaml spec, then its table")
+    sweep.add_argument("spec", help="sweep spec YAML (tune/...)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides for every trial")
+    sweep.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
+    sweep.add_argument("--storage", help="Optuna storage URL (default sqlite in the experiment folder)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sweep.set_defaults(handler=_sweep)
+    table = sub.add_parser("table", help="the paper-shaped table of a (partly) finished sweep")
+    table.add_argument("spec", help="sweep spec YAML (tune/...)")
+    table.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
+    table.set_defaults(handler=_table)
 
     data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="convert a dataset to Parquet shards once")

@@ -159,12 +159,11 @@ class FinetuneConfig(OptimConfig):
         return self
 
 
-EVAL_ATTACKS = ("natural", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature")
+EvalAttack = Literal["natural", "pgd10", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature"]
 
 
 class EvaluateConfig(_Strict):
-    attacks: list[Literal["natural", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature"]] = [
-        "natural", "pgd20"]
+    attacks: list[EvalAttack] = ["natural", "pgd20"]
     num_images: int | None = Field(None, ge=1)  # None: the whole test split
     batch_size: int = Field(256, ge=1)
     eps: Budget = 8 / 255

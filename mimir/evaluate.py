@@ -19,7 +19,7 @@ def _attack(name: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg:
     ev = cfg.evaluate
     if name == "natural":
         return x
-    if name in ("pgd20", "pgd100"):
+    if name in ("pgd10", "pgd20", "pgd100"):
         return attacks.pgd_ce(model, x, y, ev.eps, ev.step_size, int(name[3:]))
     if name == "pgd_mi":
         mi = cfg.pretrain.mi

@@ -185,8 +185,12 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
 def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     """Evaluation as a Ray task (on a GPU when the config asks for one)."""
     s = cfg.scaling
-    task = ray.remote(_evaluate_task).options(num_cpus=s.cpus_per_worker,
-                                              num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # never inside a caller's placement group (a Tune trial reserves none of the CPUs this needs)
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     # preserve_order keeps the test images in stored order, so "the first N" is well defined
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))

@@ -1,0 +1,139 @@
+"""Tables shaped like the paper's (Markdown, CSV, LaTeX) and plots, from a sweep's trial results.
+
+Works on a partly finished sweep: a cell whose trial has not finished shows ``—``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mimir.sweep import TRIALS, SweepSpec
+
+TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AA",
+          "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
+MISSING = "—"
+
+
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def collect_trials(experiment: Path) -> list[dict[str, Any]]:
+    """Every finished trial's results.json in the experiment folder."""
+    return [json.loads(p.read_text()) for p in sorted((experiment / TRIALS).glob("*/results.json"))]
+
+
+def table_rows(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per table row: label, our values, the paper's values (None where missing)."""
+    if spec.sampler == "tpe":
+        ranked = sorted(trials, key=lambda t: t["accuracy"][spec.objective.metric],
+                        reverse=spec.objective.mode == "max")
+        return [{"label": ", ".join(f"{k}={config_value(t['config'], k):.3g}" if isinstance(
+                    config_value(t["config"], k), float) else f"{k}={config_value(t['config'], k)}" for k in spec.space),
+                 "ours": t["accuracy"], "paper": {}, "retried": "retried" in t} for t in ranked]
+    rows = [(r.label, r.set, r.paper) for r in spec.rows]
+    rows += [(", ".join(f"{k}={v}" for k, v in point.items()), point, {})
+             for point in spec.grid_points()[len(spec.rows):]]
+    out = []
+    for label, values, paper in rows:
+        match = next((t for t in trials
+                      if all(_same(config_value(t["config"], k), v) for k, v in values.items())), None)
+        out.append({"label": label, "ours": match["accuracy"] if match else {}, "paper": paper,
+                    "retried": bool(match and "retried" in match), "set": values})
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
+    cells = []
+    for c in columns:
+        ours, paper = row["ours"].get(c), row["paper"].get(c)
+        diff = f"{ours - paper:+.2f}" if ours is not None and paper is not None else MISSING
+        cells += [_fmt(ours), _fmt(paper), diff]
+    return cells
+
+
+def _header(columns: list[str]) -> list[str]:
+    return [h for c in columns for h in (f"{TITLES.get(c, c)} ours", f"{TITLES.get(c, c)} paper", "Δ")]
+
+
+def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
+    header = ["Row", *_header(spec.columns)]
+    lines = [f"**{spec.title or spec.name}**", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for row in rows:
+        label = row["label"] + (" (lr / 10 after NaN)" if row["retried"] else "")
+        lines.append("| " + " | ".join([label, *_cells(row, spec.columns)]) + " |")
+    done = sum(1 for r in rows if r["ours"])
+    lines += ["", f"{done} of {len(rows)} rows finished; accuracy in %, Δ = ours - paper."]
+    return "\n".join(lines)
+
+
+def latex_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
+    header = ["Row", *_header(spec.columns)]
+    esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$")
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join([esc(r["label"]), *_cells(r, spec.columns)]).replace(MISSING, "--") + r" \\" for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def plot(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Ours (solid) and the paper's (dashed) values of each column against ``spec.plot``."""
+    if spec.plot is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(spec.columns), figsize=(4 * len(spec.columns), 3.2), squeeze=False)
+    points = sorted((r["set"].get(spec.plot), r) for r in rows if r["set"].get(spec.plot) is not None)
+    for ax, column in zip(axes[0], spec.columns):
+        for source, style in (("ours", "o-"), ("paper", "s--")):
+            xy = [(x, r[source][column]) for x, r in points if r[source].get(column) is not None]
+            if xy:
+                ax.plot(*zip(*xy), style, label=source)
+        ax.set_xlabel(spec.plot)
+        ax.set_ylabel(f"{TITLES.get(column, column)} accuracy (%)")
+        ax.legend()
+    fig.suptitle(spec.title or spec.name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(spec: SweepSpec, experiment: Path) -> str:
+    """Write table.md / table.csv / table.tex (and figure.png) into the experiment; return the Markdown."""
+    rows = table_rows(spec, collect_trials(experiment))
+    markdown = markdown_table(spec, rows)
+    (experiment / "table.md").write_text(markdown + "\n")
+    (experiment / "table.tex").write_text(latex_table(spec, rows) + "\n")
+    with open(experiment / "table.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", *_header(spec.columns)])
+        writer.writerows([r["label"], *_cells(r, spec.columns)] for r in rows)
+    plot(spec, rows, experiment / "figure.png")
+    return markdown

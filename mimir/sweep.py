@@ -1,0 +1,327 @@
+"""Sweeps: a ``tune/*.yaml`` spec -> a Ray Tune ``Tuner`` with ``OptunaSearch`` whose trials run the
+same pre-train -> fine-tune -> evaluate pipeline as ``mimir run``.
+
+A spec either lists ``rows`` (the cells of a paper table; each row is one trial, searched as a grid)
+or gives a ``space`` of distributions for Optuna's TPE. Every trial writes its own
+``results.json`` under ``<experiment>/trials/<trial id>/``; pre-training is cached under
+``<experiment>/pretrain_cache/<pretrain hash>/`` so trials that differ only in fine-tuning share one.
+Tune sees one metric, ``objective``: during fine-tuning it is the epoch's training accuracy (%, what a
+scheduler such as ASHA stops on); the trial's last report sets it to the evaluated objective metric.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mimir.config import ConfigError, EvalAttack, _format_errors, build_config, load_yaml
+
+TRIALS = "trials"
+PRETRAIN_CACHE = "pretrain_cache"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Row(_Strict):
+    label: str
+    set: dict[str, Any] = {}  # dotted config overrides that make this row's trial
+    paper: dict[str, float | None] = {}  # the paper's reported numbers, by metric
+
+
+class Distribution(_Strict):
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Distribution":
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, int (got {given or 'none'})")
+        values = getattr(self, given[0])
+        if not values:
+            raise ValueError(f"{given[0]} is empty")
+        return self
+
+
+class Objective(_Strict):
+    metric: EvalAttack = "pgd20"
+    mode: Literal["max", "min"] = "max"
+
+
+class Scheduler(_Strict):
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)  # fine-tuning epochs before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Resources(_Strict):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractions pack several trials on one GPU
+
+
+class SweepSpec(_Strict):
+    name: str
+    title: str = ""
+    base: str  # run config, relative to the spec file
+    overrides: dict[str, Any] = {}
+    objective: Objective = Objective()
+    sampler: Literal["grid", "tpe"] = "grid"
+    space: dict[str, Distribution] = {}
+    rows: list[Row] = []
+    num_samples: int = Field(1, ge=1)  # TPE trials (grid: one per row / grid point)
+    max_concurrent: int = Field(1, ge=1)
+    scheduler: Scheduler | None = None
+    resources: Resources = Resources()
+    columns: list[EvalAttack] = ["natural", "pgd20"]  # metrics shown in the table
+    plot: str | None = None  # a config key to plot the columns against (a paper figure)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSpec":
+        if not self.rows and not self.space:
+            raise ValueError("the search space is empty: give `rows` or `space`")
+        if self.sampler == "tpe":
+            if self.rows:
+                raise ValueError("rows are grid trials; use sampler: grid (or a space for tpe)")
+            bad = [k for k, d in self.space.items() if d.grid is not None]
+            if bad:
+                raise ValueError(f"grid values need sampler: grid ({bad})")
+        elif any(d.grid is None for d in self.space.values()):
+            raise ValueError("sampler grid takes only `grid:` entries in space")
+        return self
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Trials of a grid sweep: the rows, then the cartesian product of the space."""
+        points = [dict(r.set) for r in self.rows]
+        if self.space:
+            keys = list(self.space)
+            points += [dict(zip(keys, values)) for values in itertools.product(*(self.space[k].grid for k in keys))]
+        return points
+
+
+def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
+    """The validated spec and its base run config (raw dict), with the spec's overrides applied."""
+    raw = load_yaml(path)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path))) from None
+    base_path = (Path(path).parent / spec.base).resolve()
+    base = load_yaml(base_path)
+    load_spec_check(base, spec)
+    return spec, base
+
+
+def trial_config(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], output_dir: str | None = None):
+    """The RunConfig of one trial: base, spec overrides, resources, then the trial's own values."""
+    items = {**spec.overrides, **point}
+    items.update({f"scaling.{k}": v for k, v in spec.resources.model_dump().items() if k != "gpus_per_worker"})
+    if spec.resources.gpus_per_worker > 0:
+        items.update({"scaling.use_gpu": True, "scaling.gpus_per_worker": spec.resources.gpus_per_worker})
+    if output_dir is not None:
+        items["output_dir"] = output_dir
+    overrides = [f"{k}={json.dumps(v)}" for k, v in items.items()]
+    return build_config(base, overrides, source=f"sweep {spec.name} trial {point}")
+
+
+# -- running -------------------------------------------------------------------------------------
+def _optuna_space(spec: SweepSpec) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
+    """Optuna distributions, the points to evaluate first, and the number of trials."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if spec.sampler == "grid":
+        points = spec.grid_points()
+        keys = sorted({k for p in points for k in p})
+        # a row that leaves a key out means "the base value": make that explicit for Optuna
+        filled = [{k: p.get(k, "__base__") for k in keys} for p in points]
+        space = {k: CategoricalDistribution(sorted({json.dumps(p[k]) for p in filled})) for k in keys}
+        return space, [{k: json.dumps(p[k]) for k in keys} for p in filled], len(points)
+    space: dict[str, Any] = {}
+    for key, d in spec.space.items():
+        if d.choice is not None:
+            space[key] = CategoricalDistribution([json.dumps(v) for v in d.choice])
+        elif d.int is not None:
+            space[key] = IntDistribution(*d.int)
+        else:
+            lo, hi = d.uniform or d.loguniform
+            space[key] = FloatDistribution(lo, hi, log=d.loguniform is not None)
+    return space, None, spec.num_samples
+
+
+def _decode_point(params: dict[str, Any]) -> dict[str, Any]:
+    """Tune/Optuna parameters -> config overrides (categoricals travel as JSON strings)."""
+    point = {}
+    for key, value in params.items():
+        if isinstance(value, str):
+            value = json.loads(value)
+            if value == "__base__":
+                continue
+        point[key] = value
+    return point
+
+
+class NonFiniteRun(RuntimeError):
+    """A stage ended with a non-finite loss (or skipped most of its updates as non-finite)."""
+
+
+def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
+    metrics = (record or {}).get("metrics", {})
+    loss, skipped = metrics.get("loss", 0.0), metrics.get("skipped", 0.0)
+    if not math.isfinite(loss) or skipped > 0.5:
+        raise NonFiniteRun(f"{stage} ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
+
+
+def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
+    """One trial's pipeline with the pre-training cache; returns its results (also written to disk)."""
+    import filelock
+
+    from mimir import runner
+
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "pretrain_hash": cfg.pretrain_hash()}
+    pretrained = None
+    if cfg.pretrain.enabled:
+        cache = experiment / PRETRAIN_CACHE
+        cache.mkdir(parents=True, exist_ok=True)
+        key = cfg.pretrain_hash()
+        with filelock.FileLock(str(cache / f"{key}.lock")):  # one trial pre-trains, the others wait and reuse
+            hit = runner.read_stage_record(str(cache), key) is not None
+            print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} {key}", flush=True)
+            pretrained = runner.run_pretrain(cfg, storage=str(cache), name=key, resume=True)
+        record = runner.read_stage_record(str(cache), key)
+        _check_finite("pretrain", record)
+        results.update(pretrain=record, pretrain_cache_hit=hit)
+    finetuned = runner.run_finetune(cfg, pretrained, storage=str(trial_dir), resume=True, callbacks=callbacks)
+    record = runner.read_stage_record(str(trial_dir), "finetune")
+    _check_finite("finetune", record)
+    evaluation = runner.run_evaluate(cfg, finetuned)
+    results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"])
+    (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _epoch_objective_callback() -> Any:
+    """A TuneReportCallback that also reports the epoch's training accuracy (%) as ``objective``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochObjective(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            first = dict(metrics[0], objective=100.0 * metrics[0].get("acc", 0.0))
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EpochObjective()
+
+
+def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str) -> None:
+    """The Tune trial: build the trial's config, run the pipeline (once more at lr / 10 on NaN), report."""
+    from ray import tune
+
+    spec = SweepSpec.model_validate(spec_json)
+    point = _decode_point(params)
+    trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
+    cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
+    callbacks = [_epoch_objective_callback()]
+    try:
+        results = run_trial(cfg, Path(experiment), trial_dir, callbacks)
+    except NonFiniteRun as err:
+        # the authors' remedy: rerun with the learning rate divided by 10, once
+        stage = "pretrain" if str(err).startswith("pretrain") else "finetune"
+        print(f"[sweep] {err}; retrying once with {stage} lr / 10", flush=True)
+        retry = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(
+            update={"blr": getattr(cfg, stage).blr / 10})})
+        retry_dir = trial_dir / "retry_lr_div10"
+        results = run_trial(retry.model_copy(update={"output_dir": str(retry_dir)}), Path(experiment), retry_dir,
+                            callbacks)
+        results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
+        (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
+    tune.report({"objective": results["accuracy"][spec.objective.metric],
+                 **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
+                 "retried": "retried" in results})
+
+
+def experiment_dir(spec: SweepSpec, out: str | None) -> Path:
+    return Path(out or Path("results") / "sweeps" / spec.name).expanduser().resolve()
+
+
+def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None,
+              storage_url: str | None = None, resume: bool = False) -> Path:
+    """Run (or continue) the sweep; returns the experiment folder. Failed trials do not stop it."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mimir.config import parse_overrides
+    from mimir.runner import init_ray
+
+    spec, base = load_spec(spec_path)
+    if overrides:
+        spec = spec.model_copy(update={"overrides": {**spec.overrides, **_flatten(parse_overrides(list(overrides)))}})
+        load_spec_check(base, spec)
+    experiment = experiment_dir(spec, out)
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / "spec.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"),
+                                                      "spec_path": str(Path(spec_path).resolve())}, indent=2))
+    init_ray()
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment)),
+        # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
+        {"cpu": 0, "memory": 256 * 1024**2})
+    tune_dir = experiment / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=False, restart_errored=False)
+    else:
+        if tune_dir.exists():
+            raise ConfigError(f"{experiment} already holds this sweep; pass --resume to continue it, or --out "
+                              "another folder")
+        space, points, num_samples = _optuna_space(spec)
+        storage = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
+        searcher = OptunaSearch(space, metric="objective", mode=spec.objective.mode, points_to_evaluate=points,
+                                sampler=optuna.samplers.TPESampler(seed=spec.seed), study_name=spec.name,
+                                storage=storage)
+        scheduler = None
+        if spec.scheduler is not None:
+            scheduler = ASHAScheduler(metric="objective", mode=spec.objective.mode,
+                                      grace_period=spec.scheduler.grace_period,
+                                      reduction_factor=spec.scheduler.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, spec.max_concurrent),
+                                        scheduler=scheduler, num_samples=num_samples),
+            run_config=tune.RunConfig(name="tune", storage_path=str(experiment), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    grid = tuner.fit()
+    for result in grid:
+        if result.error:
+            print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
+                  flush=True)
+    return experiment
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:
+    """Validate every grid trial's config now, before any Ray work starts."""
+    for point in spec.grid_points() or [{}]:
+        trial_config(base, spec, point)
