@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mimir.config import ConfigError, load_config
+from mimir.bench import add_parser as add_bench_parser
+from mimir.submit import add_parser as add_submit_parser
 
 ATTACK_TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
                  "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("spec", help="sweep spec YAML (tune/...)")
     table.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
     table.set_defaults(handler=_table)
+
+    add_submit_parser(sub)
+    add_bench_parser(sub)
 
     data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="convert a dataset to Parquet shards once")
