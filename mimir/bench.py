@@ -1,0 +1,451 @@
+"""``mimir bench``: the paper's Table 10 (time per epoch of MAE, MIMIR, FastAT and PGD-10 AT) as ratios.
+
+Every method is a real training step (forward, attack, backward, optimizer) of the same encoder and
+config on random [0, 1] images, timed in one process and interleaved: each round runs ``steps``
+steps of every method, in an order rotated per round, so drift of the machine (clock, caches, other
+load) spreads over all methods instead of biasing one. Absolute seconds depend on the hardware; the
+ratios to MIMIR are what compare with the paper, whose per-epoch times at one dataset size are
+proportional to the per-image times measured here.
+
+``--ray`` also runs a small pre-training through Ray Train + Ray Data and as a bare loop over
+in-memory tensors, and reports the per-epoch time ratio as ``ray_overhead``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.nn as nn
+
+from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse_overrides
+from mimir.mi import make_estimator
+from mimir.models import build_classifier, build_mae
+from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
+                               pretrain_step, set_lr)
+
+NUM_CLASSES = 10
+REFERENCE = "mimir"  # ratios are to this method's median step time
+# name -> (stage, config overrides on top of the shared config)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mae": ("pretrain", {"pretrain": {"attack": {"steps": 0}, "mi": {"estimator": "none"}}}),
+    "mimir": ("pretrain", {"pretrain": {"attack": {"steps": 1, "eps": "8/255", "step_size": "10/255"},
+                                        "mi": {"estimator": "hsic", "weight": 1e-5}}}),
+    "mimir_renyi": ("pretrain", {"pretrain": {"attack": {"steps": 1, "eps": "8/255", "step_size": "10/255"},
+                                              "mi": {"estimator": "renyi", "weight": 1e-5}}}),
+    "adv_mae_10": ("pretrain", {"pretrain": {"attack": {"steps": 10, "eps": "8/255", "step_size": "2/255"},
+                                             "mi": {"estimator": "none", "weight": 0.0}}}),
+    "fast_at": ("finetune", {"finetune": {"method": "fast", "attack": {"eps": "8/255"}}}),
+    "pgd10_at": ("finetune", {"finetune": {"method": "pgd", "attack": {"steps": 10, "eps": "8/255",
+                                                                        "step_size": "2/255"}}}),
+}
+# Table 10, ViT-S on CIFAR-10, seconds per epoch on 4 A6000 GPUs
+PAPER_SECONDS = {"pgd10_at": 149.3, "fast_at": 43.3, "mae": 16.1, "mimir": 18.4}
+# the MI penalty estimators whose cost alone is measured on the latent shapes
+MI_PROBES = {"mimir": "hsic", "mimir_renyi": "renyi"}
+TARGETS = {"mimir_over_mae": 1.15, "mimir_over_pgd10_at": 0.2, "hsic_over_mae": 0.10}
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+_positive = _at_least(1)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``bench`` subcommand to a ``parser.add_subparsers()`` object."""
+    p = subparsers.add_parser("bench", help="time MAE, MIMIR, FastAT and PGD-10 AT steps (Table 10 as ratios)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every method, e.g. model.embed_dim=64 model.depth=4")
+    p.add_argument("--arch", default="vit_tiny", help="encoder architecture (default vit_tiny)")
+    p.add_argument("--img-size", type=_positive, default=32)
+    p.add_argument("--patch-size", type=_positive, default=2)
+    p.add_argument("--batch", type=_positive, default=512, help="images per step, every method")
+    p.add_argument("--steps", type=_positive, default=3, help="timed steps per method and round")
+    p.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=_at_least(0), default=1, help="untimed steps per method before round 1")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (mae and mimir are always timed)")
+    p.add_argument("--out", default="bench.json", help="JSON report path")
+    p.add_argument("--ray", action="store_true",
+                   help="also measure Ray Train + Ray Data overhead on a small digits pre-training")
+    p.add_argument("--ray-epochs", type=_at_least(2), default=3, help="epochs of the --ray pre-training (>= 2)")
+    p.add_argument("--ray-batch", type=_positive, default=128, help="batch size of the --ray pre-training")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``mimir bench`` handler: run, print the table, write the JSON report."""
+    report = run_bench(args)
+    print(format_table(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"report: {out}")
+    return 0
+
+
+# -- configs ------------------------------------------------------------------------------------
+def _base_raw(args: argparse.Namespace) -> dict[str, Any]:
+    raw = {"data": {"img_size": args.img_size},
+           "model": {"arch": args.arch, "patch_size": args.patch_size},
+           "pretrain": {"batch_size": args.batch},
+           "finetune": {"batch_size": args.batch},
+           "scaling": {"precision": args.precision, "use_gpu": args.device == "cuda"}}
+    return deep_merge(raw, parse_overrides(args.overrides))
+
+
+def method_config(raw: dict[str, Any], method: str) -> RunConfig:
+    return build_config(raw, METHODS[method][1], source=f"bench method {method}")
+
+
+def _selected(methods: str) -> list[str]:
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in {"mae", REFERENCE, *names}]  # table order
+
+
+# -- timing -------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+@dataclass
+class _Timed:
+    """One timed callable: a method's training step, or the MI penalty alone."""
+
+    step: Callable[[], Any]
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer | None = None
+
+    def state_mb(self) -> float:
+        """Weights, gradients and optimizer state this method keeps between steps."""
+        tensors = [p for m in self.modules for p in m.parameters()]
+        tensors += [p.grad for p in tensors if p.grad is not None]
+        if self.optimizer is not None:
+            tensors += [v for state in self.optimizer.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _method_step(method: str, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
+                 device: torch.device) -> _Timed:
+    """One real training step of ``method`` on the fixed batch."""
+    torch.manual_seed(cfg.seed)  # every method starts from the same initialization
+    precision = Precision.create(cfg.scaling.precision, device)
+    if METHODS[method][0] == "pretrain":
+        mae = build_mae(cfg).to(device).train()
+        optimizer = pretrain_optimizer(mae, cfg.pretrain)
+        mi = cfg.pretrain.mi
+        estimator = make_estimator(mi.estimator, mi.sigma, mi.alpha)
+        return _Timed(lambda: pretrain_step(mae, optimizer, images, cfg.pretrain, precision, estimator),
+                      [mae], optimizer)
+    classifier = build_classifier(cfg, NUM_CLASSES).to(device).train()
+    optimizer = finetune_optimizer(classifier, cfg.finetune)
+    return _Timed(lambda: finetune_step(classifier, optimizer, images, labels, cfg.finetune, precision),
+                  [classifier], optimizer)
+
+
+def _mi_probe(estimator_name: str, cfg: RunConfig, images: torch.Tensor,
+              device: torch.device) -> tuple[_Timed, list[int]]:
+    """The MI penalty alone on (x + delta, z) of this config's latent shape: estimate and its gradient
+    with respect to z (x + delta carries none in a pre-training step). Returns it and z's shape."""
+    torch.manual_seed(cfg.seed)
+    mae = build_mae(cfg).to(device)
+    with torch.no_grad():
+        _, latent = mae(images, mae.sample_keep(images.shape[0], device))
+    latent = latent.float().requires_grad_(True)
+    estimator = make_estimator(estimator_name, cfg.pretrain.mi.sigma, cfg.pretrain.mi.alpha)
+    return _Timed(lambda: torch.autograd.grad(estimator(images, latent), latent), []), list(latent.shape)
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc only), so the RSS before a step holds no freed cache."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def memory_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        step = ("torch.cuda.max_memory_allocated over one step (reset per method) minus the allocation "
+                "before it")
+    else:
+        step = ("peak RSS over one step minus the RSS before it (Linux VmHWM reset via /proc/self/clear_refs "
+                "after malloc_trim)")
+    return (f"step_memory_mb: {step} = activations and temporaries; state_mb: this method's weights, "
+            "gradients and optimizer state; peak_memory_mb = their sum")
+
+
+def _step_memory_mb(step: Callable[[], Any], device: torch.device) -> float | None:
+    """Memory one (untimed) step needs above what is allocated before it; None when the OS cannot tell."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        before = _proc_status_kb("VmRSS")
+        step()
+        return (_proc_status_kb("VmHWM") - before) / 1024
+    except OSError:
+        return None
+
+
+def _summary(seconds: list[float]) -> dict[str, Any]:
+    arr = np.asarray(seconds)
+    return {"step_seconds": seconds, "median_s": float(np.median(arr)), "min_s": float(arr.min()),
+            "max_s": float(arr.max()), "q25_s": float(np.percentile(arr, 25)),
+            "q75_s": float(np.percentile(arr, 75))}
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every selected method (and the MI penalty alone); returns the JSON report."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device")
+    device = torch.device(args.device)
+    raw = _base_raw(args)
+    methods = _selected(args.methods)
+    configs = {m: method_config(raw, m) for m in methods}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
+
+    timers = {m: _method_step(m, configs[m], images, labels, device) for m in methods}
+    probes = {MI_PROBES[m]: _mi_probe(MI_PROBES[m], configs[m], images, device) for m in methods if m in MI_PROBES}
+    timers.update({f"mi:{name}": probe for name, (probe, _) in probes.items()})
+    names = list(timers)
+    for name in names:
+        for _ in range(args.warmup):
+            timers[name].step()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name] += [_timed(timers[name].step, device) for _ in range(args.steps)]
+            print(f"[bench] round {r + 1}/{args.rounds} {name}: {np.median(seconds[name]):.3f} s/step", flush=True)
+
+    results: dict[str, Any] = {}
+    for m in methods:
+        row = {"stage": METHODS[m][0], **_summary(seconds[m])}
+        step_mb = _step_memory_mb(timers[m].step, device)
+        row.update(images_per_second=args.batch / row["median_s"], step_memory_mb=step_mb,
+                   state_mb=timers[m].state_mb(),
+                   peak_memory_mb=None if step_mb is None else step_mb + timers[m].state_mb())
+        results[m] = row
+    reference, mae_s = results[REFERENCE]["median_s"], results["mae"]["median_s"]
+    for m, row in results.items():
+        row["ratio_to_mimir"] = row["median_s"] / reference
+        row["paper_seconds_per_epoch"] = PAPER_SECONDS.get(m)
+        row["paper_ratio_to_mimir"] = PAPER_SECONDS[m] / PAPER_SECONDS[REFERENCE] if m in PAPER_SECONDS else None
+    mi_only = {name: {**_summary(seconds[f"mi:{name}"]), "x_shape": list(images.shape), "z_shape": z_shape,
+                      "ratio_to_mae_step": float(np.median(seconds[f"mi:{name}"])) / mae_s}
+               for name, (_, z_shape) in probes.items()}
+    measured = {"mimir_over_mae": reference / mae_s,
+                "mimir_over_pgd10_at": reference / results["pgd10_at"]["median_s"] if "pgd10_at" in results else None,
+                "hsic_over_mae": mi_only["hsic"]["ratio_to_mae_step"]}
+    report: dict[str, Any] = {
+        "arguments": {k: v for k, v in vars(args).items() if k != "handler"},
+        "machine": _machine(device),
+        "config": configs[REFERENCE].model_dump(mode="json"),
+        "memory_kind": memory_kind(device),
+        "methods": results,
+        "mi_overhead": reference / mae_s - 1.0,
+        "mi_only": mi_only,
+        "targets": {k: {"value": v, "target": TARGETS[k], "met": None if v is None else v <= TARGETS[k]}
+                    for k, v in measured.items()},
+    }
+    if args.ray:
+        report["ray"] = measure_ray_overhead(raw, args.ray_epochs, args.ray_batch, device)
+    return report
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# -- Ray overhead --------------------------------------------------------------------------------
+class _Reports:
+    """A tiny Ray actor body collecting every epoch report of a Ray Train run."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def get(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+class _ForwardReports(ray.train.UserCallback):
+    """Runs in the Ray Train controller: forwards rank 0's report of each epoch to the collector."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.sink.add.remote(dict(metrics[0]))
+
+
+def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> list[float]:
+    """The same pre-training as a plain loop of ``pretrain_step`` over in-memory tensors."""
+    torch.manual_seed(cfg.seed)
+    mae = build_mae(cfg).to(device)
+    optimizer = pretrain_optimizer(mae, cfg.pretrain)
+    precision = Precision.create(cfg.scaling.precision, device)
+    mi = cfg.pretrain.mi
+    estimator = make_estimator(mi.estimator, mi.sigma, mi.alpha)
+    batch = cfg.pretrain.batch_size
+    steps = len(images) // batch
+    epochs = []
+    for epoch in range(cfg.pretrain.epochs):
+        mae.train()
+        _sync(device)
+        started = time.perf_counter()
+        order = torch.randperm(len(images), device=device)
+        for i in range(steps):
+            set_lr(optimizer, lr_at(epoch + i / steps, cfg.pretrain))
+            pretrain_step(mae, optimizer, images[order[i * batch:(i + 1) * batch]], cfg.pretrain, precision, estimator)
+        _sync(device)
+        epochs.append(time.perf_counter() - started)
+    return epochs
+
+
+def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: torch.device) -> dict[str, Any]:
+    """MIMIR pre-training on the bundled digits through ``run_pretrain`` (1 worker, Ray Data) and as a
+    bare loop; per-epoch seconds of both after the first epoch, and their ratio."""
+    import ray
+
+    from mimir.data.convert import read_split_arrays
+    from mimir.data.pipeline import resolve_dataset
+    from mimir.runner import init_ray, run_pretrain
+
+    if epochs < 2:
+        raise ConfigError("--ray-epochs must be at least 2 (the first epoch is warm-up and not counted)")
+    ray_raw = deep_merge(raw, {"data": {"dataset": "digits", "img_size": 16},
+                               "pretrain": {"batch_size": batch, "epochs": epochs, "warmup_epochs": 0,
+                                            "checkpoint_every": epochs},
+                               "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 1}})
+    cfg = method_config(ray_raw, REFERENCE)
+    dataset_dir = resolve_dataset(cfg.data)
+    arrays, _ = read_split_arrays(dataset_dir, "train")
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div(255).to(device)
+
+    init_ray()
+    sink = ray.remote(num_cpus=0)(_Reports).remote()
+    with tempfile.TemporaryDirectory(prefix="mimir-bench-") as storage:
+        started = time.perf_counter()
+        run_pretrain(cfg, storage=storage, name="bench_pretrain", callbacks=[_ForwardReports(sink)])
+        ray_wall = time.perf_counter() - started
+    reports = sorted(ray.get(sink.get.remote()), key=lambda row: row["epoch"])
+    ray_epochs = [row["seconds"] for row in reports]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.scaling.torch_threads)  # as the Ray worker does
+    try:
+        started = time.perf_counter()
+        bare_epochs = _bare_epochs(cfg, images, device)
+        bare_wall = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    ray_median, bare_median = float(np.median(ray_epochs[1:])), float(np.median(bare_epochs[1:]))
+    return {"dataset": str(dataset_dir), "images": len(images), "batch_size": batch, "epochs": epochs,
+            "steps_per_epoch": len(images) // batch, "torch_threads": cfg.scaling.torch_threads,
+            "config": cfg.model_dump(mode="json"),
+            "ray_epoch_seconds": ray_epochs, "bare_epoch_seconds": bare_epochs,
+            "ray_median_epoch_s": ray_median, "bare_median_epoch_s": bare_median,
+            "ray_wall_seconds": ray_wall, "bare_wall_seconds": bare_wall,
+            "ray_overhead": ray_median / bare_median}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width table plus the overhead lines."""
+    args, machine = report["arguments"], report["machine"]
+    header = (f"{'method':<12} {'median s/step':>13} {'min-max s':>17} {'img/s':>8} {'peak MB':>8} "
+              f"{'x MIMIR':>8} {'paper s/ep':>10} {'paper x':>8}")
+    lines = [f"mimir bench: {args['arch']} img {args['img_size']} patch {args['patch_size']} batch {args['batch']}, "
+             f"{args['rounds']} rounds x {args['steps']} steps, {machine['device']} "
+             f"({machine['torch_threads']} threads, torch {machine['torch']})",
+             header, "-" * len(header)]
+    for name, row in report["methods"].items():
+        spread = f"{row['min_s']:.3f}-{row['max_s']:.3f}"
+        lines.append(f"{name:<12} {row['median_s']:>13.4f} {spread:>17} {row['images_per_second']:>8.1f} "
+                     f"{_num(row['peak_memory_mb'], '.0f'):>8} {row['ratio_to_mimir']:>8.3f} "
+                     f"{_num(row['paper_seconds_per_epoch'], '.1f'):>10} {_num(row['paper_ratio_to_mimir'], '.3f'):>8}")
+    lines.append(f"memory: {report['memory_kind']}")
+    lines.append("paper: Table 10, ViT-S CIFAR-10, seconds per epoch on 4 A6000 GPUs")
+    lines.append(f"mi_overhead (MIMIR / MAE - 1, 1-step attack + HSIC): {report['mi_overhead']:+.3f}")
+    for name, row in report["mi_only"].items():
+        lines.append(f"MI penalty alone ({name}, forward + backward): {row['median_s']:.4f} s = "
+                     f"{row['ratio_to_mae_step']:.3%} of a MAE step")
+    for name, t in report["targets"].items():
+        verdict = "-" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        lines.append(f"target {name} <= {t['target']}: {_num(t['value'], '.3f')} {verdict}")
+    if "ray" in report:
+        r = report["ray"]
+        lines.append(f"ray: {r['epochs']} epochs of {r['steps_per_epoch']} steps (batch {r['batch_size']}), "
+                     f"per-epoch median after the first: Ray Train {r['ray_median_epoch_s']:.2f} s, bare loop "
+                     f"{r['bare_median_epoch_s']:.2f} s, ray_overhead {r['ray_overhead']:.3f}")
+    return "\n".join(lines)
