@@ -30,6 +30,9 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"
 # Ray's job client uses these over any address it is given; the first one set wins
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# a head that has just started answers this until its dashboard agent registers
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_SECONDS = 120.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -80,6 +83,20 @@ def _follow(client: JobSubmissionClient, job_id: str) -> JobStatus:
     return status
 
 
+def submit_job(client: JobSubmissionClient, entrypoint: str, runtime_env: dict[str, Any],
+               wait_seconds: float = AGENT_WAIT_SECONDS) -> str:
+    """Submit, retrying while a freshly started head has no job agent yet; returns the job id."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if AGENT_NOT_READY not in str(err) or time.monotonic() > deadline:
+                raise
+            print("mimir submit: the head's job agent is not up yet; retrying", file=sys.stderr, flush=True)
+            time.sleep(2.0)
+
+
 def submit(args: argparse.Namespace) -> int:
     """Submit ``args.entrypoint`` as a Ray job; 0 when it succeeded (or was only submitted), else 1."""
     from ray.exceptions import AuthenticationError
@@ -98,7 +115,7 @@ def submit(args: argparse.Namespace) -> int:
     runtime_env = load_runtime_env(args.runtime_env)
     try:
         client = JobSubmissionClient(args.address)
-        job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+        job_id = submit_job(client, shlex.join(command), runtime_env)
     except (ConnectionError, RuntimeError, AuthenticationError) as err:  # unreachable, refused, no ray[default]
         print(f"mimir submit: error: {err}", file=sys.stderr)
         return 1

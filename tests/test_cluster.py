@@ -32,7 +32,7 @@ import yaml
 
 from mimir.cli import build_parser
 from mimir.config import load_config
-from mimir.submit import DEFAULT_ADDRESS, add_parser, load_runtime_env, submit
+from mimir.submit import DEFAULT_ADDRESS, add_parser, load_runtime_env, submit, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -155,6 +155,32 @@ def test_submit_parser_takes_the_command_after_the_double_dash():
     assert args.address == os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
 
 
+class _AgentStartingClient:
+    """A job client whose head refuses the first submissions as a just-started Ray head does."""
+
+    def __init__(self, refusals: int, error: str = "Request failed with status code 500: "
+                                                    "No available agent to submit job, please try again later.."):
+        self.refusals, self.error, self.calls = refusals, error, 0
+
+    def submit_job(self, entrypoint: str, runtime_env: dict[str, Any]) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError(self.error)
+        return "raysubmit_1"
+
+
+def test_submit_waits_for_the_job_agent_of_a_fresh_head(monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    client = _AgentStartingClient(refusals=2)
+    assert submit_job(client, "mimir --help", {}) == "raysubmit_1" and client.calls == 3
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_job(_AgentStartingClient(refusals=10**6), "mimir --help", {}, wait_seconds=0)
+    other = _AgentStartingClient(refusals=1, error="Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):  # only the agent's start-up is waited out
+        submit_job(other, "mimir --help", {})
+    assert other.calls == 1
+
+
 # -- end to end on a real head node -------------------------------------------------------------
 @dataclass
 class Head:
@@ -217,15 +243,22 @@ def _get(url: str, token: str | None) -> int:
         return err.code
 
 
-def _wait_for_job_server(url: str, token: str, head: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def _wait_for_job_server(url: str, env: dict[str, str], head: subprocess.Popen, log: Path,
+                         timeout: float = 120) -> None:
+    """Until the job server answers and its agent has run a first job (``ray job submit`` is refused
+    with "No available agent" before that; ``mimir submit`` waits it out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert head.poll() is None, f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}"
         with contextlib.suppress(OSError):
-            if _get(f"{url}/api/version", token) == 200:
-                return
+            if _get(f"{url}/api/version", env["RAY_AUTH_TOKEN"]) == 200:
+                break
         time.sleep(1)
-    pytest.fail(f"the job server at {url} did not come up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    else:
+        pytest.fail(f"the job server at {url} did not come up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    ready = _run([str(BIN / "mimir"), "submit", "--address", url, "--", "true"], env,
+                 timeout=max(deadline - time.monotonic(), 60))
+    assert ready.returncode == 0, f"a first job failed:\n{ready.stdout[-3000:]}{ready.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +283,7 @@ def ray_head() -> Iterator[Head]:
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_job_server(address, token, head, log)
+        _wait_for_job_server(address, env, head, log)
         yield Head(address, env, token)
     finally:
         _stop_head(head)
