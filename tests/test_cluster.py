@@ -274,11 +274,15 @@ def ray_head() -> Iterator[Head]:
                # single-node mode: Ray keeps 127.0.0.1 as the node address instead of the machine's
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     port, dashboard_port = _free_port(), _free_port()
+    # every port Ray would otherwise take at a fixed default (the agent's 52365, the client server's
+    # 10001, ...) is a free one, so the head comes up beside the in-process Ray of the other tests
+    own_ports = [f"--{name}-port={_free_port()}" for name in (
+        "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent", "ray-client-server")]
     log = temp / "head.log"
     with log.open("w") as out:
         head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *own_ports, "--num-cpus=2",
              "--temp-dir", str(temp), "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
