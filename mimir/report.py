@@ -1,6 +1,7 @@
 """Tables shaped like the paper's (Markdown, CSV, LaTeX) and plots, from a sweep's trial results.
 
-Works on a partly finished sweep: a cell whose trial has not finished shows ``—``.
+Works on a partly finished sweep: a cell whose trial has not finished shows ``—``, one whose trial
+failed shows ``failed`` and the reason is listed under the table.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mimir.sweep import TRIALS, SweepSpec
+from mimir.sweep import FAILED, TRIALS, SweepSpec
 
 TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AA",
           "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
 MISSING = "—"
+FAILED_CELL = "failed"
 
 
 def config_value(config: dict[str, Any], dotted: str) -> Any:
@@ -40,23 +42,42 @@ def collect_trials(experiment: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((experiment / TRIALS).glob("*/results.json"))]
 
 
-def table_rows(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per table row: label, our values, the paper's values (None where missing)."""
+def collect_failures(experiment: Path) -> list[dict[str, Any]]:
+    """Every failed trial's record (config and reason) in the experiment folder."""
+    return [json.loads(p.read_text()) for p in sorted((experiment / TRIALS).glob(f"*/{FAILED}"))]
+
+
+def _label(config: dict[str, Any], keys: list[str]) -> str:
+    values = {k: config_value(config, k) for k in keys}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _matches(config: dict[str, Any], values: dict[str, Any]) -> bool:
+    return all(_same(config_value(config, k), v) for k, v in values.items())
+
+
+def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
+               failures: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One entry per table row: label, our values, the paper's values (empty where missing), whether
+    it was retried at lr / 10, and why it failed (None unless it did)."""
     if spec.sampler == "tpe":
         ranked = sorted(trials, key=lambda t: t["accuracy"][spec.objective.metric],
                         reverse=spec.objective.mode == "max")
-        return [{"label": ", ".join(f"{k}={config_value(t['config'], k):.3g}" if isinstance(
-                    config_value(t["config"], k), float) else f"{k}={config_value(t['config'], k)}" for k in spec.space),
-                 "ours": t["accuracy"], "paper": {}, "retried": "retried" in t} for t in ranked]
+        keys = list(spec.space)
+        return ([{"label": _label(t["config"], keys), "ours": t["accuracy"], "paper": {},
+                  "retried": "retried" in t, "failed": None} for t in ranked]
+                + [{"label": _label(f["config"], keys), "ours": {}, "paper": {}, "retried": False,
+                    "failed": f["reason"]} for f in failures])
     rows = [(r.label, r.set, r.paper) for r in spec.rows]
     rows += [(", ".join(f"{k}={v}" for k, v in point.items()), point, {})
              for point in spec.grid_points()[len(spec.rows):]]
     out = []
     for label, values, paper in rows:
-        match = next((t for t in trials
-                      if all(_same(config_value(t["config"], k), v) for k, v in values.items())), None)
+        match = next((t for t in trials if _matches(t["config"], values)), None)
+        failure = None if match else next((f for f in failures if _matches(f["config"], values)), None)
         out.append({"label": label, "ours": match["accuracy"] if match else {}, "paper": paper,
-                    "retried": bool(match and "retried" in match), "set": values})
+                    "retried": bool(match and "retried" in match), "set": values,
+                    "failed": failure["reason"] if failure else None})
     return out
 
 
@@ -69,7 +90,7 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
     for c in columns:
         ours, paper = row["ours"].get(c), row["paper"].get(c)
         diff = f"{ours - paper:+.2f}" if ours is not None and paper is not None else MISSING
-        cells += [_fmt(ours), _fmt(paper), diff]
+        cells += [FAILED_CELL if row["failed"] else _fmt(ours), _fmt(paper), diff]
     return cells
 
 
@@ -85,7 +106,10 @@ def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
         label = row["label"] + (" (lr / 10 after NaN)" if row["retried"] else "")
         lines.append("| " + " | ".join([label, *_cells(row, spec.columns)]) + " |")
     done = sum(1 for r in rows if r["ours"])
-    lines += ["", f"{done} of {len(rows)} rows finished; accuracy in %, Δ = ours - paper."]
+    failed = [r for r in rows if r["failed"]]
+    summary = f"{done} of {len(rows)} rows finished" + (f", {len(failed)} failed" if failed else "")
+    lines += ["", f"{summary}; accuracy in %, Δ = ours - paper."]
+    lines += [f"- {r['label']} failed: {r['failed'].splitlines()[0]}" for r in failed]
     return "\n".join(lines)
 
 
@@ -127,7 +151,7 @@ def plot(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> Path | None
 
 def write_reports(spec: SweepSpec, experiment: Path) -> str:
     """Write table.md / table.csv / table.tex (and figure.png) into the experiment; return the Markdown."""
-    rows = table_rows(spec, collect_trials(experiment))
+    rows = table_rows(spec, collect_trials(experiment), collect_failures(experiment))
     markdown = markdown_table(spec, rows)
     (experiment / "table.md").write_text(markdown + "\n")
     (experiment / "table.tex").write_text(latex_table(spec, rows) + "\n")

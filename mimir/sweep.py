@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from mimir.config import ConfigError, EvalAttack, _format_errors, build_config, 
 
 TRIALS = "trials"
 PRETRAIN_CACHE = "pretrain_cache"
+FAILED = "failed.json"  # a trial folder's record of why it failed
 
 
 class _Strict(BaseModel):
@@ -223,28 +225,53 @@ def _epoch_objective_callback() -> Any:
     return EpochObjective()
 
 
+def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = (),
+                   run: Callable[..., dict[str, Any]] = run_trial) -> dict[str, Any]:
+    """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
+    remedy), in ``trial_dir/retry_lr_div10``. The retried results say so under ``retried``."""
+    try:
+        return run(cfg, experiment, trial_dir, callbacks)
+    except NonFiniteRun as err:
+        stage = "pretrain" if str(err).startswith("pretrain") else "finetune"
+        print(f"[sweep] {err}; retrying once with {stage} lr / 10", flush=True)
+        settings = getattr(cfg, stage)
+        retry_dir = trial_dir / "retry_lr_div10"
+        retry = cfg.model_copy(update={stage: settings.model_copy(update={"blr": settings.blr / 10}),
+                                       "output_dir": str(retry_dir)})
+        try:
+            results = run(retry, experiment, retry_dir, callbacks)
+        except Exception as retry_err:
+            raise TrialFailed(f"{err}; the retry with {stage} lr / 10 failed too: {retry_err}") from retry_err
+        results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
+    (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+class TrialFailed(RuntimeError):
+    """A trial that failed after its retry."""
+
+
+def record_failure(trial_dir: Path, cfg: Any, err: BaseException) -> None:
+    """``failed.json`` beside where ``results.json`` would be: the trial's config and the reason."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    reason = f"{type(err).__name__}: {err}"
+    (trial_dir / FAILED).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "reason": reason}, indent=2))
+
+
 def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str) -> None:
-    """The Tune trial: build the trial's config, run the pipeline (once more at lr / 10 on NaN), report."""
+    """The Tune trial: build the trial's config, run the pipeline (once more at lr / 10 on NaN), report.
+    A failure is written to the trial's folder and raised, so Tune records the trial as errored."""
     from ray import tune
 
     spec = SweepSpec.model_validate(spec_json)
     point = _decode_point(params)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
-    callbacks = [_epoch_objective_callback()]
     try:
-        results = run_trial(cfg, Path(experiment), trial_dir, callbacks)
-    except NonFiniteRun as err:
-        # the authors' remedy: rerun with the learning rate divided by 10, once
-        stage = "pretrain" if str(err).startswith("pretrain") else "finetune"
-        print(f"[sweep] {err}; retrying once with {stage} lr / 10", flush=True)
-        retry = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(
-            update={"blr": getattr(cfg, stage).blr / 10})})
-        retry_dir = trial_dir / "retry_lr_div10"
-        results = run_trial(retry.model_copy(update={"output_dir": str(retry_dir)}), Path(experiment), retry_dir,
-                            callbacks)
-        results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
-        (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
+        results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()])
+    except Exception as err:
+        record_failure(trial_dir, cfg, err)
+        raise
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
                  "retried": "retried" in results})

@@ -8,7 +8,9 @@ import pytest
 
 from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
-from mimir.sweep import SweepSpec, load_spec, run_sweep
+from mimir.config import load_config
+from mimir.sweep import (FAILED, NonFiniteRun, SweepSpec, TrialFailed, load_spec, run_sweep,
+                         run_with_retry)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,82 @@ def test_table_from_a_results_fixture_matches_the_paper_layout(tmp_path):
     assert "1 of 2 rows finished" in markdown
     assert (tmp_path / "table.csv").read_text().splitlines()[1].startswith("MIMIR λ=1e-5 HSIC,77.00,76.30,+0.70")
     assert r"\begin{tabular}" in (tmp_path / "table.tex").read_text()
+
+
+def test_failed_rows_are_marked_with_their_reason(tmp_path):
+    spec = SweepSpec.model_validate({
+        "name": "t", "base": "x.yaml", "columns": ["pgd20"],
+        "rows": [{"label": "ok", "set": {"finetune.blr": 1e-3}, "paper": {"pgd20": 40.0}},
+                 {"label": "diverged", "set": {"finetune.blr": 1e9}, "paper": {"pgd20": 41.0}},
+                 {"label": "pending", "set": {"finetune.blr": 5e-3}}]})
+    (tmp_path / "trials" / "a").mkdir(parents=True)
+    (tmp_path / "trials" / "a" / "results.json").write_text(json.dumps(
+        {"config": {"finetune": {"blr": 1e-3}}, "accuracy": {"pgd20": 42.0}}))
+    (tmp_path / "trials" / "b").mkdir(parents=True)
+    (tmp_path / "trials" / "b" / FAILED).write_text(json.dumps(
+        {"config": {"finetune": {"blr": 1e9}}, "reason": "TrialFailed: finetune ended with loss nan"}))
+    markdown = write_reports(spec, tmp_path)
+    assert "| ok | 42.00 | 40.00 | +2.00 |" in markdown
+    assert "| diverged | failed | 41.00 | — |" in markdown
+    assert "| pending | — | — | — |" in markdown
+    assert "1 of 3 rows finished, 1 failed" in markdown
+    assert "- diverged failed: TrialFailed: finetune ended with loss nan" in markdown
+
+
+def _fake_run(outcomes):
+    """A stand-in for run_trial that raises or returns the next outcome and records its configs."""
+    calls = []
+
+    def run(cfg, experiment, trial_dir, callbacks):
+        calls.append((cfg, trial_dir))
+        outcome = outcomes[len(calls) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return dict(outcome)
+    return run, calls
+
+
+def test_a_nan_run_is_retried_once_at_a_tenth_of_the_lr(tmp_path):
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    run, calls = _fake_run([NonFiniteRun("finetune ended with loss nan"), {"accuracy": {"pgd20": 50.0}}])
+    results = run_with_retry(cfg, tmp_path, tmp_path, run=run)
+    assert results["retried"] == {"reason": "finetune ended with loss nan", "stage": "finetune", "lr_divided_by": 10}
+    retry_cfg, retry_dir = calls[1]
+    assert retry_cfg.finetune.blr == pytest.approx(cfg.finetune.blr / 10) and retry_cfg.pretrain == cfg.pretrain
+    assert retry_dir == tmp_path / "retry_lr_div10" and retry_cfg.output_dir == str(retry_dir)
+    assert json.loads((tmp_path / "results.json").read_text())["retried"]["stage"] == "finetune"
+
+    run, calls = _fake_run([NonFiniteRun("pretrain ended with loss inf"), NonFiniteRun("pretrain ended with loss nan")])
+    with pytest.raises(TrialFailed, match="loss inf; the retry with pretrain lr / 10 failed too"):
+        run_with_retry(cfg, tmp_path, tmp_path / "b", run=run)
+    assert calls[1][0].pretrain.blr == pytest.approx(cfg.pretrain.blr / 10) and len(calls) == 2
+
+    run, calls = _fake_run([FileNotFoundError("no dataset")])  # only non-finite runs are retried
+    with pytest.raises(FileNotFoundError):
+        run_with_retry(cfg, tmp_path, tmp_path / "c", run=run)
+    assert len(calls) == 1
+
+
+def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, data_root, tmp_path):
+    spec_path = _spec(tmp_path, (
+        "overrides: {pretrain.enabled: false, finetune.epochs: 1, finetune.warmup_epochs: 0, finetune.attack.steps: 1,\n"
+        "            evaluate.num_images: 32, evaluate.attacks: [natural]}\n"
+        "columns: [natural]\n"
+        "rows:\n"
+        "  - {label: missing data, set: {data.dataset: no-such-dataset}}\n"
+        "  - {label: diverges, set: {finetune.blr: 1.0e+9}}\n"
+        "  - {label: fine, set: {finetune.blr: 1.0e-3}}\n"))
+    experiment = run_sweep(spec_path, [f"data.root={data_root}"], out=str(tmp_path / "exp"))
+    failures = {json.loads(p.read_text())["config"]["data"]["dataset"]: json.loads(p.read_text())["reason"]
+                for p in (experiment / "trials").glob(f"*/{FAILED}")}
+    assert len(failures) == 2
+    assert "no-such-dataset" in failures["no-such-dataset"]
+    assert "retry with finetune lr / 10 failed too" in failures["digits"]  # 1e9 and 1e8 both diverge
+    assert len(list((experiment / "trials").glob("*/retry_lr_div10"))) == 1
+    assert len(list((experiment / "trials").glob("*/results.json"))) == 1  # the sweep went on
+    spec, _ = load_spec(spec_path)
+    markdown = write_reports(spec, experiment)
+    assert "1 of 3 rows finished, 2 failed" in markdown and "| diverges | failed |" in markdown
 
 
 def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_root, tmp_path):
