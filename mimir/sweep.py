@@ -185,7 +185,7 @@ def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
 
 
 def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
-    """One trial's pipeline with the pre-training cache; returns its results (also written to disk)."""
+    """One trial's pipeline with the pre-training cache; returns its results."""
     import filelock
 
     from mimir import runner
@@ -209,7 +209,6 @@ def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] 
     _check_finite("finetune", record)
     evaluation = runner.run_evaluate(cfg, finetuned)
     results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"])
-    (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -228,9 +227,10 @@ def _epoch_objective_callback() -> Any:
 def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = (),
                    run: Callable[..., dict[str, Any]] = run_trial) -> dict[str, Any]:
     """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
-    remedy), in ``trial_dir/retry_lr_div10``. The retried results say so under ``retried``."""
+    remedy), in ``trial_dir/retry_lr_div10``. Writes ``trial_dir/results.json``, whose ``retried``
+    says whether the retry made them."""
     try:
-        return run(cfg, experiment, trial_dir, callbacks)
+        results = run(cfg, experiment, trial_dir, callbacks)
     except NonFiniteRun as err:
         stage = "pretrain" if str(err).startswith("pretrain") else "finetune"
         print(f"[sweep] {err}; retrying once with {stage} lr / 10", flush=True)
@@ -243,8 +243,21 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
         except Exception as retry_err:
             raise TrialFailed(f"{err}; the retry with {stage} lr / 10 failed too: {retry_err}") from retry_err
         results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
-    (trial_dir / "results.json").write_text(json.dumps(results, indent=2))
+    results["trial_config_hash"] = cfg.config_hash()  # of the trial as asked for, before any retry
+    partial = trial_dir / "results.json.partial"  # renamed in place: never a half-written results.json
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(trial_dir / "results.json")
     return results
+
+
+def finished_results(cfg: Any, trial_dir: Path) -> dict[str, Any] | None:
+    """The results this trial already wrote (a sweep interrupted between a trial's end and Tune's
+    record of it restarts the trial), or None."""
+    path = trial_dir / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("trial_config_hash") == cfg.config_hash() else None
 
 
 class TrialFailed(RuntimeError):
@@ -267,11 +280,16 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     point = _decode_point(params)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
-    try:
-        results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()])
-    except Exception as err:
-        record_failure(trial_dir, cfg, err)
-        raise
+    results = finished_results(cfg, trial_dir)
+    if results is not None:
+        print(f"[sweep] trial {trial_dir.name} had finished before the sweep was interrupted; reusing its results",
+              flush=True)
+    else:
+        try:
+            results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()])
+        except Exception as err:
+            record_failure(trial_dir, cfg, err)
+            raise
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
                  "retried": "retried" in results})
@@ -349,6 +367,13 @@ def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:
-    """Validate every grid trial's config now, before any Ray work starts."""
+    """Validate every grid trial's config now, before any Ray work starts, and that each trial
+    evaluates the objective and the table's columns."""
     for point in spec.grid_points() or [{}]:
-        trial_config(base, spec, point)
+        cfg = trial_config(base, spec, point)
+        wanted = {"objective.metric": [spec.objective.metric], "columns": spec.columns}
+        for field, metrics in wanted.items():
+            missing = [m for m in metrics if m not in cfg.evaluate.attacks]
+            if missing:
+                raise ConfigError(f"{field}: {', '.join(missing)} is not evaluated (evaluate.attacks is "
+                                  f"{cfg.evaluate.attacks}); add it there or choose one of those")

@@ -1,6 +1,11 @@
 """Sweeps: spec validation, a real 4-trial Tune + Optuna sweep, the pre-training cache, resume, tables."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -9,7 +14,7 @@ import pytest
 from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
-from mimir.sweep import (FAILED, NonFiniteRun, SweepSpec, TrialFailed, load_spec, run_sweep,
+from mimir.sweep import (FAILED, NonFiniteRun, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
                          run_with_retry)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +33,8 @@ def _spec(tmp_path, text):
     ("rows: [{label: a, set: {}, paperz: {}}]\n", "paperz: unknown field"),
     ("sampler: tpe\nspace: {finetune.blr: {grid: [1, 2]}}\n", "grid values need sampler: grid"),
     ("space: {finetune.blr: {loguniform: [1.0e-4, 1.0e-2], grid: [1]}}\n", "exactly one"),
+    ("overrides: {evaluate.attacks: [natural]}\nrows: [{label: a}]\n", "objective.metric: pgd20 is not evaluated"),
+    ("objective: {metric: natural}\ncolumns: [natural, pgd100]\nrows: [{label: a}]\n", "columns: pgd100 is not evaluated"),
     ("rows: [{label: a, set: {pretrain.mask_ratio: 2}}]\n", "pretrain.mask_ratio"),
 ])
 def test_spec_schema_rejects_bad_specs_with_clear_errors(tmp_path, text, message):
@@ -103,6 +110,9 @@ def test_a_nan_run_is_retried_once_at_a_tenth_of_the_lr(tmp_path):
     assert retry_cfg.finetune.blr == pytest.approx(cfg.finetune.blr / 10) and retry_cfg.pretrain == cfg.pretrain
     assert retry_dir == tmp_path / "retry_lr_div10" and retry_cfg.output_dir == str(retry_dir)
     assert json.loads((tmp_path / "results.json").read_text())["retried"]["stage"] == "finetune"
+    # a restarted trial finds what it wrote, as long as it is the same trial
+    assert finished_results(cfg, tmp_path)["accuracy"] == {"pgd20": 50.0}
+    assert finished_results(retry_cfg, tmp_path) is None and finished_results(cfg, tmp_path / "none") is None
 
     run, calls = _fake_run([NonFiniteRun("pretrain ended with loss inf"), NonFiniteRun("pretrain ended with loss nan")])
     with pytest.raises(TrialFailed, match="loss inf; the retry with pretrain lr / 10 failed too"):
@@ -119,7 +129,7 @@ def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, data_r
     spec_path = _spec(tmp_path, (
         "overrides: {pretrain.enabled: false, finetune.epochs: 1, finetune.warmup_epochs: 0, finetune.attack.steps: 1,\n"
         "            evaluate.num_images: 32, evaluate.attacks: [natural]}\n"
-        "columns: [natural]\n"
+        "columns: [natural]\nobjective: {metric: natural}\n"
         "rows:\n"
         "  - {label: missing data, set: {data.dataset: no-such-dataset}}\n"
         "  - {label: diverges, set: {finetune.blr: 1.0e+9}}\n"
@@ -167,3 +177,33 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     assert all(r["ours"] for r in rows) and "4 of 4 rows finished" in markdown_table(spec, rows)
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_local, data_root, tmp_path):
+    spec_path = _spec(tmp_path, (
+        "overrides: {pretrain.enabled: false, finetune.epochs: 1, finetune.warmup_epochs: 0, finetune.attack.steps: 1,\n"
+        "            evaluate.num_images: 32, evaluate.attacks: [natural]}\n"
+        "columns: [natural]\nobjective: {metric: natural}\n"
+        "space: {finetune.blr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}}\n"))
+    out = tmp_path / "exp"
+    # `mimir sweep` as its own driver on this test's Ray, stopped with Ctrl-C after its first trial
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    sweep = subprocess.Popen([str(Path(sys.executable).parent / "mimir"), "sweep", str(spec_path),
+                              f"data.root={data_root}", "--out", str(out)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("trials/*/results.json")):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[0][-3000:]
+        time.sleep(1)
+    sweep.send_signal(signal.SIGINT)
+    log = sweep.communicate(timeout=180)[0]
+    done = {p: p.stat().st_mtime for p in out.glob("trials/*/results.json")}
+    assert 1 <= len(done) < 3, log[-3000:]
+
+    run_sweep(spec_path, [f"data.root={data_root}"], out=str(out), resume=True)
+    results = {p: json.loads(p.read_text()) for p in out.glob("trials/*/results.json")}
+    assert len(results) == 3  # none lost
+    assert {p: p.stat().st_mtime for p in done} == done  # finished trials were not rerun
+    assert sorted(r["config"]["finetune"]["blr"] for r in results.values()) == [1.0e-3, 2.0e-3, 3.0e-3]
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
