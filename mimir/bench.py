@@ -1,11 +1,14 @@
-"""``mimir bench``: the paper's Table 10 (time per epoch of MAE, MIMIR, FastAT and PGD-10 AT) as ratios.
+"""``mimir bench``: the paper's Table 10 (time per epoch of MAE, MIMIR, FastAT and PGD-10 AT) as ratios,
+with MIMIR's I_alpha variant and Adv-MAE (1 and 10 attack steps) beside them.
 
 Every method is a real training step (forward, attack, backward, optimizer) of the same encoder and
 config on random [0, 1] images, timed in one process and interleaved: each round runs ``steps``
 steps of every method, in an order rotated per round, so drift of the machine (clock, caches, other
 load) spreads over all methods instead of biasing one. Absolute seconds depend on the hardware; the
 ratios to MIMIR are what compare with the paper, whose per-epoch times at one dataset size are
-proportional to the per-image times measured here.
+proportional to the per-image times measured here. Besides the methods, it times the MI penalty
+alone (HSIC and I_alpha with their gradients, at the batch's latent shape) and MIMIR's 1-step attack
+alone, the two parts of a MIMIR step that a MAE step does not have.
 
 ``--ray`` also runs a small pre-training through Ray Train + Ray Data and as a bare loop over
 in-memory tensors, and reports the per-epoch time ratio as ``ray_overhead``.

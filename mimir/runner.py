@@ -39,17 +39,26 @@ class StageExistsError(RuntimeError):
 
 
 # -- Ray ----------------------------------------------------------------------------------------
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start an in-process local Ray; quiet by default."""
-    if ray.is_initialized():
-        return
-    # progress bars of Ray Data would bury the per-epoch lines; the env var reaches remote tasks too
+def quiet_ray_data() -> None:
+    """No progress bars or per-execution banners from the Ray Data pipelines this process builds:
+    they would bury the epoch lines. Each process that creates datasets calls it (the driver, a Tune
+    trial, the evaluation task); the env var reaches the tasks those datasets start."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start an in-process local Ray; quiet by default."""
+    if ray.is_initialized():
+        return
+    quiet_ray_data()
+    # workers print their epoch lines straight to stdout: Ray Train's print patch would route them
+    # through its logger, which shows every line twice
+    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True,
-                                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+                                  runtime_env={"env_vars": env_vars})
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
@@ -170,6 +179,7 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
 
 def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     cfg = RunConfig.model_validate(cfg_json)
+    quiet_ray_data()
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     ds = eval_dataset(resolve_dataset(cfg.data), cfg.data, cfg.evaluate.num_images)

@@ -276,6 +276,9 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     A failure is written to the trial's folder and raised, so Tune records the trial as errored."""
     from ray import tune
 
+    from mimir.runner import quiet_ray_data
+
+    quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
     point = _decode_point(params)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()

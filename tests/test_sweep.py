@@ -151,7 +151,9 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
                  "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
                  "evaluate.attacks=[natural, pgd20]"]
-    spec_path = REPO / "tune" / "quickstart.yaml"
+    spec_path = _spec(tmp_path, (
+        "resources: {num_workers: 1, cpus_per_worker: 1}\n"
+        "space: {pretrain.mi.weight: {grid: [1.0e-5, 0.0]}, finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n"))
     experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 4
@@ -159,7 +161,7 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     assert len(list((experiment / "pretrain_cache").glob("*/mimir_stage.json"))) == 2
     assert sorted(r["pretrain_cache_hit"] for r in results) == [False, False, True, True]
     # the Optuna study holds the same four trials as Tune, with the same parameters and values
-    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4
     ours = sorted((r["config"]["pretrain"]["mi"]["weight"], r["config"]["finetune"]["blr"], r["accuracy"]["pgd20"])
@@ -171,7 +173,7 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     stamps = {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")}
     run_sweep(spec_path, overrides, out=str(tmp_path / "exp"), resume=True)
     assert {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")} == stamps
-    assert len(optuna.load_study(study_name="quickstart", storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
+    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
     spec, _ = load_spec(spec_path)
     rows = table_rows(spec, [json.loads(p.read_text()) for p in stamps])
     assert all(r["ours"] for r in rows) and "4 of 4 rows finished" in markdown_table(spec, rows)

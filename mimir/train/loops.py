@@ -8,6 +8,7 @@ function per batch, and ``ray.train.report`` the epoch's metrics with a checkpoi
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ def _mean_across_workers(sums: dict[str, float], count: int, device: torch.devic
 
 def _worker_setup(cfg: RunConfig) -> torch.device:
     ctx = ray.train.get_context()
+    # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
+    logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     return ray.train.torch.get_device()
