@@ -62,7 +62,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
+        # polls; without it the cleaner logs a warning every few seconds for the rest of the run
+        ray.init(num_cpus=num_cpus, **kwargs)
 
 
 # -- storage ------------------------------------------------------------------------------------
