@@ -45,15 +45,13 @@ from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_
 
 NUM_CLASSES = 10
 REFERENCE = "mimir"  # ratios are to this method's median step time
+ONE_STEP = {"steps": 1, "eps": "8/255", "step_size": "10/255"}  # MIMIR's pre-training attack
 # name -> (stage, config overrides on top of the shared config)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "mae": ("pretrain", {"pretrain": {"attack": {"steps": 0}, "mi": {"estimator": "none"}}}),
-    "mimir": ("pretrain", {"pretrain": {"attack": {"steps": 1, "eps": "8/255", "step_size": "10/255"},
-                                        "mi": {"estimator": "hsic", "weight": 1e-5}}}),
-    "mimir_renyi": ("pretrain", {"pretrain": {"attack": {"steps": 1, "eps": "8/255", "step_size": "10/255"},
-                                              "mi": {"estimator": "renyi", "weight": 1e-5}}}),
-    "adv_mae_1": ("pretrain", {"pretrain": {"attack": {"steps": 1, "eps": "8/255", "step_size": "10/255"},
-                                            "mi": {"estimator": "none", "weight": 0.0}}}),
+    "mimir": ("pretrain", {"pretrain": {"attack": ONE_STEP, "mi": {"estimator": "hsic", "weight": 1e-5}}}),
+    "mimir_renyi": ("pretrain", {"pretrain": {"attack": ONE_STEP, "mi": {"estimator": "renyi", "weight": 1e-5}}}),
+    "adv_mae_1": ("pretrain", {"pretrain": {"attack": ONE_STEP, "mi": {"estimator": "none", "weight": 0.0}}}),
     "adv_mae_10": ("pretrain", {"pretrain": {"attack": {"steps": 10, "eps": "8/255", "step_size": "2/255"},
                                              "mi": {"estimator": "none", "weight": 0.0}}}),
     "fast_at": ("finetune", {"finetune": {"method": "fast", "attack": {"eps": "8/255"}}}),
@@ -395,8 +393,6 @@ def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> 
 def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: torch.device) -> dict[str, Any]:
     """MIMIR pre-training on the bundled digits through ``run_pretrain`` (1 worker, Ray Data) and as a
     bare loop; per-epoch seconds of both after the first epoch, and their ratio."""
-    import ray
-
     from mimir.data.convert import read_split_arrays
     from mimir.data.pipeline import resolve_dataset
     from mimir.runner import init_ray, run_pretrain

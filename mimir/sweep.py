@@ -177,6 +177,10 @@ class NonFiniteRun(RuntimeError):
     """A stage ended with a non-finite loss (or skipped most of its updates as non-finite)."""
 
 
+class TrialFailed(RuntimeError):
+    """A trial that failed after its retry."""
+
+
 def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
     metrics = (record or {}).get("metrics", {})
     loss, skipped = metrics.get("loss", 0.0), metrics.get("skipped", 0.0)
@@ -258,10 +262,6 @@ def finished_results(cfg: Any, trial_dir: Path) -> dict[str, Any] | None:
         return None
     results = json.loads(path.read_text())
     return results if results.get("trial_config_hash") == cfg.config_hash() else None
-
-
-class TrialFailed(RuntimeError):
-    """A trial that failed after its retry."""
 
 
 def record_failure(trial_dir: Path, cfg: Any, err: BaseException) -> None:
