@@ -53,6 +53,9 @@ class DataConfig(_Strict):
     cutmix_alpha: float = Field(1.0, ge=0.0)
     generated: str | None = None  # prepared EDM-style generated data mixed into fine-tuning batches
     generated_fraction: float = Field(0.7, ge=0.0, lt=1.0)
+    # keep the training split's raw rows in Ray's object store, so later epochs skip listing and
+    # reading the files; None: when the split takes at most a quarter of the object store
+    cache_in_memory: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

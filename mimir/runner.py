@@ -31,6 +31,7 @@ from mimir.data.convert import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
 STAGES = ("pretrain", "finetune", "evaluate")
+IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 log = logging.getLogger("mimir")
 
 
@@ -63,8 +64,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
-        # polls; without it the cleaner logs a warning every few seconds for the rest of the run
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # polls; without it the cleaner logs a warning every few seconds for the rest of the run.
+        # A Ray Train run keeps more actors alive than a laptop has CPUs, so Ray would kill every
+        # idle worker after 1 s and each epoch's Ray Data tasks would start a fresh process (seconds
+        # of importing torch); kept for minutes, the next epoch, stage and trial reuse them
+        ray.init(num_cpus=num_cpus, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS},
+                 **kwargs)
 
 
 # -- storage ------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ scheduler such as ASHA stops on); the trial's last report sets it to the evaluat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,6 +190,13 @@ def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
         raise NonFiniteRun(f"{stage} ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - started
+
+
 def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
     """One trial's pipeline with the pre-training cache; returns its results."""
     import filelock
@@ -196,23 +205,28 @@ def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] 
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "pretrain_hash": cfg.pretrain_hash()}
+    seconds: dict[str, float] = {}
     pretrained = None
     if cfg.pretrain.enabled:
         cache = experiment / PRETRAIN_CACHE
         cache.mkdir(parents=True, exist_ok=True)
         key = cfg.pretrain_hash()
-        with filelock.FileLock(str(cache / f"{key}.lock")):  # one trial pre-trains, the others wait and reuse
+        # one trial pre-trains, the others wait and reuse
+        with _timed(seconds, "pretrain"), filelock.FileLock(str(cache / f"{key}.lock")):
             hit = runner.read_stage_record(str(cache), key) is not None
             print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} {key}", flush=True)
             pretrained = runner.run_pretrain(cfg, storage=str(cache), name=key, resume=True)
         record = runner.read_stage_record(str(cache), key)
         _check_finite("pretrain", record)
         results.update(pretrain=record, pretrain_cache_hit=hit)
-    finetuned = runner.run_finetune(cfg, pretrained, storage=str(trial_dir), resume=True, callbacks=callbacks)
+    with _timed(seconds, "finetune"):
+        finetuned = runner.run_finetune(cfg, pretrained, storage=str(trial_dir), resume=True, callbacks=callbacks)
     record = runner.read_stage_record(str(trial_dir), "finetune")
     _check_finite("finetune", record)
-    evaluation = runner.run_evaluate(cfg, finetuned)
-    results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"])
+    with _timed(seconds, "evaluate"):
+        evaluation = runner.run_evaluate(cfg, finetuned)
+    results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
+                   attack_seconds=evaluation["seconds"], seconds=seconds)
     return results
 
 
@@ -346,8 +360,10 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
                                       reduction_factor=spec.scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
+            # reuse_actors: the next trial runs in the finished trial's process, which has imported
+            # torch and mimir already (seconds per trial on a small machine)
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, spec.max_concurrent),
-                                        scheduler=scheduler, num_samples=num_samples),
+                                        scheduler=scheduler, num_samples=num_samples, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(experiment), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )

@@ -44,6 +44,30 @@ def test_ray_data_pipelines_deliver_tensors_in_order(ray_local, data_root):
     assert (first["label"] == again["label"]).all() and (first["image"] == again["image"]).all()
 
 
+def test_cached_split_is_read_once_and_still_augmented_anew_each_epoch(ray_local, data_root, tmp_path, monkeypatch):
+    import shutil
+
+    from ray.data.dataset import MaterializedDataset
+
+    from mimir.data import pipeline
+
+    copy = tmp_path / "digits"
+    shutil.copytree(resolve_dataset(load_config(QUICKSTART, [f"data.root={data_root}"]).data), copy)
+    cfg = load_config(QUICKSTART, [f"data.dataset={copy}"])
+    cached = train_dataset(copy, cfg.data, finetune=False)  # cache_in_memory unset: the digits fit
+    uncached = train_dataset(copy, cfg.data.model_copy(update={"cache_in_memory": False}), finetune=False)
+    (copy / "train").rename(tmp_path / "moved")  # later epochs must not need the files
+    epochs = [cached.take_batch(1347, batch_format="numpy") for _ in range(2)]
+    assert (epochs[0]["label"] == epochs[1]["label"]).all()  # the same images, in the same order
+    assert (epochs[0]["image"] != epochs[1]["image"]).any()  # with fresh random crops
+    with pytest.raises(Exception, match="part-00000.parquet"):
+        uncached.take_batch(16)
+    (tmp_path / "moved").rename(copy / "train")
+    monkeypatch.setattr(pipeline, "CACHE_FRACTION", 0.0)  # unset and too large for the object store
+    assert not isinstance(pipeline.read_split(copy, "train"), MaterializedDataset)
+    assert isinstance(pipeline.read_split(copy, "train", True), MaterializedDataset)
+
+
 def test_mimir_run_writes_results_that_come_from_the_run(ray_local, data_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0

@@ -105,14 +105,29 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
             "target": lam * onehot + (1 - lam) * onehot[::-1]}
 
 
+CACHE_FRACTION = 0.25  # of the cluster's object store, for ``cache_in_memory: null``
+
+
+def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = None) -> ray.data.Dataset:
+    """The split's raw rows, read once into the object store when cached (each epoch re-executes a
+    dataset: uncached, every epoch lists and reads the files again, a fixed cost of about two seconds
+    even for a small split). The random transforms stay after this point, so they differ per epoch."""
+    files = split_files(dataset_dir, split)
+    if cache_in_memory is None:
+        capacity = ray.cluster_resources().get("object_store_memory", 0.0)
+        cache_in_memory = sum(Path(f).stat().st_size for f in files) <= CACHE_FRACTION * capacity
+    ds = ray.data.read_parquet(files)
+    return ds.materialize() if cache_in_memory else ds
+
+
 def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_size: int | None = None,
                   generated_dir: Path | None = None) -> ray.data.Dataset:
     """The augmented training split; for fine-tuning optionally mixed with generated data and
     MixUp / CutMix / RandAugment as ``data.augment`` says."""
     manifest = load_manifest(dataset_dir)
-    ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
+    ds = read_split(dataset_dir, "train", data.cache_in_memory)
     if generated_dir is not None and finetune:
-        ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction)
+        ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory)
     # plain tasks (not an actor pool) so the read fuses with the transform and holds no CPU idle
     ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
         manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug"))
@@ -123,7 +138,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_
 
 
 def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_dir: Path,
-                    fraction: float) -> ray.data.Dataset:
+                    fraction: float, cache_in_memory: bool | None) -> ray.data.Dataset:
     """Add generated rows so they make up ``fraction`` of each epoch (the authors' unsup fraction)."""
     gen_manifest = load_manifest(generated_dir)
     if gen_manifest["image_shape"] != manifest["image_shape"] or gen_manifest["encoding"] != manifest["encoding"]:
@@ -132,7 +147,7 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     n_real = sum(s["num_rows"] for name, s in manifest["splits"].items() if name == "train")
     n_gen_available = gen_manifest["splits"]["train"]["num_rows"]
     wanted = int(round(n_real * fraction / (1 - fraction)))
-    generated = ray.data.read_parquet(split_files(generated_dir, "train"))
+    generated = read_split(generated_dir, "train", cache_in_memory)
     if wanted < n_gen_available:
         generated = generated.random_sample(wanted / n_gen_available)
     return real.union(generated).random_shuffle()
