@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,9 @@ def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
 
 
 def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],
-         dataset: ray.data.Dataset, resume: bool, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
-    """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint."""
+         dataset: Callable[[], ray.data.Dataset], resume: bool, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint.
+    ``dataset`` builds the training data, only when the stage has to run (it may read it into memory)."""
     record = read_stage_record(storage, name)
     if record is not None:
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
@@ -142,7 +143,7 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset()},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -161,9 +162,9 @@ def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pre
 
     dataset_dir = resolve_dataset(cfg.data)
     steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
-    ds = train_dataset(dataset_dir, cfg.data, finetune=False)
     return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
-                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps}, ds, resume, callbacks)
+                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps},
+                lambda: train_dataset(dataset_dir, cfg.data, finetune=False), resume, callbacks)
 
 
 def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
@@ -176,12 +177,12 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
         if cfg.data.generated else None
     manifest = load_manifest(dataset_dir)
     steps = max(num_train_rows(dataset_dir, cfg.data, finetune=True) // cfg.finetune.batch_size, 1)
-    ds = train_dataset(dataset_dir, cfg.data, finetune=True,
-                       batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers, generated_dir=generated)
     loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
                    "num_classes": manifest["num_classes"], "pretrained": pretrained}
-    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config, ds, resume,
-                callbacks)
+    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config,
+                lambda: train_dataset(dataset_dir, cfg.data, finetune=True, generated_dir=generated,
+                                      batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers),
+                resume, callbacks)
 
 
 def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:

@@ -160,6 +160,7 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     # two pre-training configs, each pre-trained once and reused by the trial that differs in fine-tuning
     assert len(list((experiment / "pretrain_cache").glob("*/mimir_stage.json"))) == 2
     assert sorted(r["pretrain_cache_hit"] for r in results) == [False, False, True, True]
+    assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
     # the Optuna study holds the same four trials as Tune, with the same parameters and values
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
