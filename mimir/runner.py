@@ -10,11 +10,12 @@ run again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,14 @@ def init_ray(num_cpus: int | None = None) -> None:
         # of importing torch); kept for minutes, the next epoch, stage and trial reuse them
         ray.init(num_cpus=num_cpus, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS},
                  **kwargs)
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """``with timed(seconds, "finetune"):`` stores the block's wall time in ``seconds["finetune"]``."""
+    started = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - started
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -227,9 +236,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
     results: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(mode="json"),
                                "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
     if "pretrain" in stages and cfg.pretrain.enabled:
-        started = time.perf_counter()
-        pretrained = run_pretrain(cfg, storage=storage, resume=resume)
-        timings["pretrain"] = time.perf_counter() - started
+        with timed(timings, "pretrain"):
+            pretrained = run_pretrain(cfg, storage=storage, resume=resume)
         results["pretrain"] = read_stage_record(storage, "pretrain")
     if "finetune" in stages:
         if pretrained is None and cfg.pretrain.enabled:
@@ -238,9 +246,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
                 raise FileNotFoundError(f"no finished pre-training in {_join(storage, 'pretrain')}; run "
                                         "`mimir pretrain` first or pass --pretrained CHECKPOINT")
             pretrained = stage_checkpoint(storage, record)
-        started = time.perf_counter()
-        finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume)
-        timings["finetune"] = time.perf_counter() - started
+        with timed(timings, "finetune"):
+            finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume)
         results["finetune"] = read_stage_record(storage, "finetune")
     if "evaluate" in stages:
         if finetuned is None:
@@ -249,9 +256,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
                 raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
                                         "`mimir finetune` first or pass --checkpoint CHECKPOINT")
             finetuned = stage_checkpoint(storage, record)
-        started = time.perf_counter()
-        evaluation = run_evaluate(cfg, finetuned)
-        timings["evaluate"] = time.perf_counter() - started
+        with timed(timings, "evaluate"):
+            evaluation = run_evaluate(cfg, finetuned)
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"])
     results["seconds"] = timings

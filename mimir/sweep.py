@@ -11,12 +11,10 @@ scheduler such as ASHA stops on); the trial's last report sets it to the evaluat
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,13 +188,6 @@ def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
         raise NonFiniteRun(f"{stage} ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
 
 
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    yield
-    seconds[stage] = time.perf_counter() - started
-
-
 def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
     """One trial's pipeline with the pre-training cache; returns its results."""
     import filelock
@@ -212,18 +203,18 @@ def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] 
         cache.mkdir(parents=True, exist_ok=True)
         key = cfg.pretrain_hash()
         # one trial pre-trains, the others wait and reuse
-        with _timed(seconds, "pretrain"), filelock.FileLock(str(cache / f"{key}.lock")):
+        with runner.timed(seconds, "pretrain"), filelock.FileLock(str(cache / f"{key}.lock")):
             hit = runner.read_stage_record(str(cache), key) is not None
             print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} {key}", flush=True)
             pretrained = runner.run_pretrain(cfg, storage=str(cache), name=key, resume=True)
         record = runner.read_stage_record(str(cache), key)
         _check_finite("pretrain", record)
         results.update(pretrain=record, pretrain_cache_hit=hit)
-    with _timed(seconds, "finetune"):
+    with runner.timed(seconds, "finetune"):
         finetuned = runner.run_finetune(cfg, pretrained, storage=str(trial_dir), resume=True, callbacks=callbacks)
     record = runner.read_stage_record(str(trial_dir), "finetune")
     _check_finite("finetune", record)
-    with _timed(seconds, "evaluate"):
+    with runner.timed(seconds, "evaluate"):
         evaluation = runner.run_evaluate(cfg, finetuned)
     results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                    attack_seconds=evaluation["seconds"], seconds=seconds)

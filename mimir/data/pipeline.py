@@ -128,7 +128,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_
     ds = read_split(dataset_dir, "train", data.cache_in_memory)
     if generated_dir is not None and finetune:
         ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory)
-    # plain tasks (not an actor pool) so the read fuses with the transform and holds no CPU idle
+    # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
     ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
         manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug"))
     if finetune and data.augment in ("mix", "randaug"):
