@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimir.mi import Estimator
+from mimir.mi import MIPenalty
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,17 +47,22 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: f
 
 
 def reconstruction_attack(mae: nn.Module, x: torch.Tensor, keep: torch.Tensor, eps: float,
-                          step_size: float, steps: int, random_start: bool = True) -> torch.Tensor:
-    """MIMIR's pre-training attack: maximize the masked MSE of decoder(encoder(x + delta)) to clean x.
+                          step_size: float, steps: int, random_start: bool = True, *,
+                          fresh_mask: bool = False, target_adversarial: bool = False) -> torch.Tensor:
+    """MIMIR's pre-training attack: maximize the masked MSE of decoder(encoder(x + delta)).
 
-    It uses the same mask ``keep`` as the update it feeds and perturbs only visible patches (the
-    masked ones never reach the encoder, and the paper leaves them clean).
+    By default (the paper) it uses the same mask ``keep`` as the update it feeds, perturbs only the
+    visible patches (the masked ones never reach the encoder) and compares with the clean x (Eq. 9).
+    ``fresh_mask`` draws a new mask at every step and perturbs the whole image; ``target_adversarial``
+    compares with the attack's own input x + delta (Algorithm 1 line 5); both as in the authors' code.
     """
     def loss(x_adv: torch.Tensor) -> torch.Tensor:
-        pred, _ = mae(x_adv, keep)
-        return mae.reconstruction_loss(pred, x, keep)
+        step_keep = mae.sample_keep(x.shape[0], x.device) if fresh_mask else keep
+        pred, _ = mae(x_adv, step_keep)
+        return mae.reconstruction_loss(pred, x_adv if target_adversarial else x, step_keep)
 
-    return pgd(loss, x, eps, step_size, steps, random_start, region=mae.pixel_visibility(keep))
+    region = None if fresh_mask else mae.pixel_visibility(keep)
+    return pgd(loss, x, eps, step_size, steps, random_start, region=region)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,9 +71,9 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
-           steps: int, random_start: bool = True) -> torch.Tensor:
-    """Classifier PGD on the cross-entropy (Madry et al.)."""
-    return pgd(lambda xa: _soft_ce(model(xa), y), x, eps, step_size, steps, random_start)
+           steps: int, random_start: bool = True, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier PGD on the cross-entropy (Madry et al.); ``start`` replaces the uniform start."""
+    return pgd(lambda xa: _soft_ce(model(xa), y), x, eps, step_size, steps, random_start, start=start)
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,12 +113,13 @@ def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tenso
     return boosted_ce + beta * (kl * (1.0 - true_prob)).mean()
 
 
-def pgd_mi(model: nn.Module, x: torch.Tensor, y: torch.Tensor, estimator: Estimator, weight: float,
+def pgd_mi(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty: MIPenalty,
            eps: float, step_size: float, steps: int) -> torch.Tensor:
-    """Adaptive PGD-MI (Eq. 21): maximize CE(f(x + delta), y) + lambda * I(x + delta, z)."""
+    """Adaptive PGD-MI (Eq. 21): maximize CE(f(x + delta), y) + lambda * I(x + delta, z), with z the
+    pooled features the head reads (as in the authors' attack)."""
     def loss(xa: torch.Tensor) -> torch.Tensor:
-        z = model.features(xa)
-        return _soft_ce(model.head(z), y) + weight * estimator(xa, z)
+        z = model.pooled(model.features(xa))
+        return _soft_ce(model.net.head(z), y) + penalty(x, xa, z)
 
     return pgd(loss, x, eps, step_size, steps)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from mimir.config import ConfigError, load_config
 from mimir.bench import add_parser as add_bench_parser
+from mimir.mi_scale import add_parser as add_mi_scale_parser
 from mimir.submit import add_parser as add_submit_parser
 
 ATTACK_TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
     add_bench_parser(sub)
+    add_mi_scale_parser(sub)
 
     data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="convert a dataset to Parquet shards once")

@@ -69,6 +69,9 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: str = "vit_tiny"
+    # encoder initialization before pre-training: "mae" (xavier-uniform linears and patch embedding,
+    # N(0, 0.02) class token, as MAE and the authors' code) or "timm" (timm's own scheme)
+    init: Literal["mae", "timm"] = "mae"
     patch_size: int = Field(2, gt=0)
     decoder_dim: int = Field(128, gt=0)
     decoder_depth: int = Field(2, ge=1)
@@ -94,17 +97,34 @@ class AttackConfig(_Strict):
     random_start: bool = True
 
 
-class MIConfig(_Strict):
-    estimator: Literal["none", "hsic", "hsic_cca", "renyi"] = "hsic"
+class EstimatorConfig(_Strict):
+    """An MI estimator and its weight lambda (see ``mimir.mi`` for the scale of each estimator)."""
+
+    # hsic_cca: the normalized-CCA HSIC of the authors' code, with which the paper's lambdas were
+    # tuned; hsic: Eq. 29; renyi: matrix-based I_alpha, Eq. 25-27
+    estimator: Literal["none", "hsic", "hsic_cca", "renyi"] = "hsic_cca"
     weight: float = Field(1e-5, ge=0.0)  # lambda in Eq. 8
     alpha: float = Field(1.01, gt=0.0)  # Renyi order
-    sigma: float | None = Field(None, gt=0.0)  # kernel width; None = median heuristic (hsic_cca: 5.0)
+    # kernel width: a number, "median" (median pairwise distance), "authors" (I_alpha width rule of
+    # the authors' code), or None for the estimator's own default (hsic_cca 5.0 on the sigma^2 d
+    # scale, hsic "median", renyi "authors")
+    sigma: float | Literal["median", "authors"] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "MIConfig":
+    def _check(self) -> "EstimatorConfig":
         if self.estimator == "renyi" and self.alpha == 1.0:
             raise ValueError("alpha must differ from 1 for the Renyi estimator")
+        if isinstance(self.sigma, float) and self.sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if isinstance(self.sigma, str) and self.estimator == "hsic_cca":
+            raise ValueError(f"sigma {self.sigma!r} is not available for hsic_cca, which takes a fixed width")
         return self
+
+
+class MIConfig(EstimatorConfig):
+    # the first argument of I(., z): "adversarial" x + delta (Eq. 8) or "clean" x (the authors'
+    # I_alpha code)
+    input: Literal["adversarial", "clean"] = "adversarial"
 
 
 class OptimConfig(_Strict):
@@ -136,8 +156,17 @@ class PretrainConfig(OptimConfig):
     batch_size: int = Field(512, ge=2)
     blr: float = Field(1.5e-4, gt=0)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    # "uniform": a uniformly random subset of patches per sample (the paper, Sec. 3.3); "grid": one
+    # random patch per k x k cell, so ConViT's and XCiT's visible tokens keep image neighbours
+    mask_sampling: Literal["uniform", "grid"] = "uniform"
     norm_pix_loss: bool = True
     attack: AttackConfig = AttackConfig()
+    # "shared": the attack uses the update's mask and perturbs only visible patches (the paper);
+    # "fresh": a new random mask at every attack step, the whole image perturbed (authors' code)
+    attack_mask: Literal["shared", "fresh"] = "shared"
+    # what the attack's reconstruction is compared with: the clean x (Eq. 9) or its own input
+    # x + delta (Algorithm 1 line 5 and the authors' code)
+    attack_target: Literal["clean", "adversarial"] = "clean"
     mi: MIConfig = MIConfig()
 
 
@@ -149,10 +178,15 @@ class FinetuneConfig(OptimConfig):
     blr: float = Field(5e-2, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = Field(0.65, gt=0.0, le=1.0)
+    min_lr: float = Field(1e-6, ge=0)  # the authors' fine-tuning floor
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # the authors' fine-tuning default
+    # the classifier's pooling: "avg" of the patch tokens (the authors' fine-tuning) or the class "token"
+    global_pool: Literal["avg", "token"] = "avg"
     attack: AttackConfig = AttackConfig(steps=10, eps=8 / 255, step_size=2 / 255)
     beta: float = Field(6.0, ge=0.0)  # TRADES / MART regularization weight
+    # where MART's PGD starts: "gaussian" x + 0.001 N(0, I) (the authors' code) or "uniform" in the ball
+    mart_start: Literal["gaussian", "uniform"] = "gaussian"
     clip_grad: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -172,6 +206,16 @@ class EvaluateConfig(_Strict):
     eps: Budget = 8 / 255
     step_size: Budget = 2 / 255
     adaptive_steps: int = Field(100, ge=1)  # PGD-MI and PGD-feature
+    # PGD-MI's lambda * I(x + delta, z): the authors' estimator and lambda, whatever the model was
+    # pre-trained with (also lambda = 0 rows), so it stays an adaptive attack
+    pgd_mi: EstimatorConfig = EstimatorConfig()
+
+    @model_validator(mode="after")
+    def _check_pgd_mi(self) -> "EvaluateConfig":
+        if "pgd_mi" in self.attacks and (self.pgd_mi.estimator == "none" or self.pgd_mi.weight == 0):
+            raise ValueError("pgd_mi needs an estimator and a weight > 0 in evaluate.pgd_mi; "
+                             "without them it is plain PGD")
+        return self
 
 
 class ScalingConfig(_Strict):
@@ -201,7 +245,8 @@ class RunConfig(_Strict):
         size, patch = self.data.img_size, self.model.patch_size
         if size % patch:
             raise ValueError(f"model.patch_size {patch} does not divide data.img_size {size}")
-        ARCHITECTURES[self.model.arch].check(size // patch, self.pretrain.mask_ratio, patch)
+        ARCHITECTURES[self.model.arch].check(size // patch, self.pretrain.mask_ratio, patch,
+                                             self.pretrain.mask_sampling)
         for stage in ("pretrain", "finetune"):
             batch = getattr(self, stage).batch_size
             if batch % self.scaling.num_workers:

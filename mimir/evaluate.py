@@ -10,7 +10,7 @@ import torch
 
 from mimir import attacks
 from mimir.config import RunConfig
-from mimir.mi import make_estimator
+from mimir.mi import MIPenalty
 from mimir.models import Classifier, build_classifier
 from mimir.train.checkpoint import load_state, load_weights
 
@@ -22,9 +22,8 @@ def _attack(name: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg:
     if name in ("pgd10", "pgd20", "pgd100"):
         return attacks.pgd_ce(model, x, y, ev.eps, ev.step_size, int(name[3:]))
     if name == "pgd_mi":
-        mi = cfg.pretrain.mi
-        estimator = make_estimator(mi.estimator if mi.estimator != "none" else "hsic", mi.sigma, mi.alpha)
-        return attacks.pgd_mi(model, x, y, estimator, mi.weight, ev.eps, ev.step_size, ev.adaptive_steps)
+        penalty = MIPenalty.from_config(ev.pgd_mi)  # never None: the config refuses an inactive pgd_mi
+        return attacks.pgd_mi(model, x, y, penalty, ev.eps, ev.step_size, ev.adaptive_steps)
     if name == "pgd_feature":
         return attacks.pgd_feature(model, x, ev.eps, ev.step_size, ev.adaptive_steps)
     if name == "autoattack":

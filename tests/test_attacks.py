@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from mimir import attacks
 from mimir.models import Classifier, build_mae, create_encoder
-from mimir.mi import make_estimator
+from mimir.mi import MIPenalty, make_estimator
 
 EPS = 8 / 255
 
@@ -75,13 +75,13 @@ def test_adaptive_attacks_raise_their_objectives(classifier):
     assert _in_ball(adv, x)
     with torch.no_grad():
         assert (classifier.features(adv) - classifier.features(x)).norm() > 0
-    estimator = make_estimator("hsic")
-    adv_mi = attacks.pgd_mi(classifier, x, y, estimator, 1e-5, EPS, 2 / 255, 5)
+    estimator = make_estimator("hsic_cca")
+    adv_mi = attacks.pgd_mi(classifier, x, y, MIPenalty(estimator, 1e-5), EPS, 2 / 255, 5)
     assert _in_ball(adv_mi, x)
     with torch.no_grad():
         def objective(z_in):
-            z = classifier.features(z_in)
-            return F.cross_entropy(classifier.head(z), y) + 1e-5 * estimator(z_in, z)
+            z = classifier.pooled(classifier.features(z_in))  # the authors' z: what the head reads
+            return F.cross_entropy(classifier.net.head(z), y) + 1e-5 * estimator(z_in, z)
         assert objective(adv_mi) > objective(x)
 
 

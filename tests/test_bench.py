@@ -37,10 +37,10 @@ def test_bench_reports_every_method_relative_to_mimir(tmp_path, capsys):
     assert report["attack_and_mi_overhead"] == pytest.approx(methods["mimir"]["median_s"] / methods["mae"]["median_s"] - 1)
     assert report["mi_overhead_in_step"] == pytest.approx(
         methods["mimir"]["median_s"] / methods["adv_mae_1"]["median_s"] - 1)
-    assert set(report["mi_only"]) == {"hsic", "renyi"}
+    assert set(report["mi_only"]) == {"hsic_cca", "renyi"}
     assert 0 < report["attack_only"]["median_s"] and report["attack_only"]["ratio_to_mae_step"] > 0
-    assert report["mi_only"]["hsic"]["ratio_to_mae_step"] > 0
-    assert report["mi_only"]["hsic"]["z_shape"] == [8, 1 + 4, 32]  # 16 patches, 4 visible, width 32
+    assert report["mi_only"]["hsic_cca"]["ratio_to_mae_step"] > 0
+    assert report["mi_only"]["hsic_cca"]["z_shape"] == [8, 1 + 4, 32]  # 16 patches, 4 visible, width 32
     assert set(report["targets"]) == set(bench.TARGETS)
     assert report["arguments"]["batch"] == 8 and report["machine"]["device"] == "cpu"
     assert report["config"]["model"]["embed_dim"] == 32
@@ -51,7 +51,7 @@ def test_bench_always_times_the_reference_methods(tmp_path):
     args = _parse([*TINY, "--methods", "fast_at", "--out", str(tmp_path / "b.json")])
     report = bench.run_bench(args)
     assert list(report["methods"]) == ["mae", "mimir", "fast_at"]
-    assert set(report["mi_only"]) == {"hsic"}
+    assert set(report["mi_only"]) == {"hsic_cca"}
     assert report["targets"]["mimir_over_pgd10_at"]["value"] is None and report["mi_overhead_in_step"] is None
 
 

@@ -13,7 +13,12 @@ from mimir.config import ConfigError, build_config, load_config, parse_overrides
     ({"pretrain": {"epochs": "many"}}, "pretrain.epochs"),
     ({"pretrian": {"epochs": 3}}, "pretrian: unknown field"),
     ({"pretrain": {"lr": 3}}, "pretrain.lr: unknown field"),
-    ({"model": {"arch": "convit_tiny"}, "pretrain": {"mask_ratio": 0.6}}, "square grid"),
+    ({"model": {"arch": "convit_tiny"}, "pretrain": {"mask_ratio": 0.7}}, "square grid"),
+        ({"model": {"arch": "convit_tiny"}, "pretrain": {"mask_ratio": 0.6, "mask_sampling": "grid"}}, "square grid"),
+        ({"evaluate": {"attacks": ["pgd_mi"], "pgd_mi": {"weight": 0}}}, "pgd_mi"),
+        ({"pretrain": {"mi": {"estimator": "hsic_cca", "sigma": "median"}}}, "pretrain.mi"),
+        ({"pretrain": {"mi": {"sigma": -1.0}}}, "pretrain.mi"),
+        ({"finetune": {"global_pool": "max"}}, "finetune.global_pool"),
     ({"model": {"arch": "xcit_small", "patch_size": 2}, "data": {"img_size": 32}}, "XCiT"),
     ({"scaling": {"num_workers": 3}}, "not divisible by scaling.num_workers"),
 ])

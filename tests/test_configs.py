@@ -25,7 +25,7 @@ def test_presets_carry_the_paper_hyperparameters():
     cfg = load_config(CONFIGS[0].parent / "cifar10_vit_s.yaml")
     assert (cfg.model.patch_size, cfg.pretrain.mask_ratio, cfg.pretrain.blr, cfg.pretrain.batch_size) == (2, 0.75, 1.5e-4, 512)
     assert cfg.pretrain.attack.steps == 1 and cfg.pretrain.attack.eps == pytest.approx(8 / 255)
-    assert cfg.pretrain.mi.estimator == "hsic" and cfg.pretrain.mi.weight == 1e-5
+    assert cfg.pretrain.mi.estimator == "hsic_cca" and cfg.pretrain.mi.weight == 1e-5
     assert (cfg.finetune.layer_decay, cfg.finetune.drop_path, cfg.finetune.attack.steps) == (0.65, 0.1, 10)
     imagenet = load_config(CONFIGS[0].parent / "imagenet_vit_b_eps4.yaml")
     assert imagenet.finetune.method == "fast" and imagenet.evaluate.eps == pytest.approx(4 / 255)

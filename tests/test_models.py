@@ -50,11 +50,17 @@ def test_cell_mask_keeps_one_patch_per_cell_as_a_grid():
     assert torch.equal(cols // 2, (cells % 4).expand(5, -1))
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "grid"])
 @pytest.mark.parametrize("arch,patch", [("convit_tiny", 2), ("xcit_small", 8)])
-def test_grid_families_run_on_half_side_grid(arch, patch):
-    cfg = build_config({"data": {"img_size": 32}, "model": {"arch": arch, "patch_size": patch, "depth": 2}})
+def test_grid_families_run_on_half_side_grid(arch, patch, sampling):
+    cfg = build_config({"data": {"img_size": 32}, "model": {"arch": arch, "patch_size": patch, "depth": 2},
+                        "pretrain": {"mask_sampling": sampling}})
     mae = build_mae(cfg)
     keep = mae.sample_keep(2)
+    # uniform (the paper): any subset of the patches; grid: one patch in each 2x2 cell
+    cells = torch.stack([keep // (32 // patch) // 2, keep % (32 // patch) // 2], dim=-1)
+    one_per_cell = all(len({tuple(c) for c in row.tolist()}) == keep.shape[1] for row in cells)
+    assert one_per_cell if sampling == "grid" else mae.cell is None
     grid = 32 // patch
     assert keep.shape == (2, (grid // 2) ** 2)
     pred, latent = mae(torch.rand(2, 3, 32, 32), keep)
@@ -64,13 +70,18 @@ def test_grid_families_run_on_half_side_grid(arch, patch):
     assert clf(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_pretrained_encoder_loads_into_plain_timm_classifier(tiny_config):
-    mae = build_mae(tiny_config)
-    clf = build_classifier(tiny_config, num_classes=7)
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_pretrained_encoder_loads_into_plain_timm_classifier(tiny_config, pool):
+    cfg = build_config(tiny_config.model_dump() | {"finetune": tiny_config.finetune.model_dump() | {"global_pool": pool}})
+    mae = build_mae(cfg)
+    clf = build_classifier(cfg, num_classes=7)
     load_encoder_weights(clf.net, mae.state_dict())
+    fresh = ("head.", "fc_norm.") if pool == "avg" else ("head.",)
     for name, value in clf.net.state_dict().items():
-        if not name.startswith("head."):
+        if not name.startswith(fresh):
             assert torch.equal(value, mae.state_dict()["encoder." + name]), name
+    # average pooling: the authors' fine-tuning drops the encoder's final norm for a fresh fc_norm
+    assert ("norm.weight" in clf.net.state_dict()) == (pool == "token")
     # fixed sin-cos position embedding made it across
     assert torch.equal(clf.net.pos_embed, mae.encoder.pos_embed)
 

@@ -73,9 +73,16 @@ def test_mimir_run_writes_results_that_come_from_the_run(ray_local, data_root, t
     assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0
     printed = capsys.readouterr().out
     assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
+    # the MI penalty's size and its share of the encoder gradient, in every pre-training epoch line
+    epoch_lines = [line for line in printed.splitlines() if line.startswith("[pretrain] epoch")]
+    assert len(epoch_lines) == 2 and all("mi_term" in line and "mi_share" in line for line in epoch_lines)
+    assert "no effect" not in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {"natural", "pgd20"} and results["num_images"] == 64
     assert results["pretrain"]["metrics"]["epoch"] == 1 and results["finetune"]["metrics"]["epoch"] == 0
+    pretrain_metrics = results["pretrain"]["metrics"]
+    assert pretrain_metrics["mi_share"] > 1e-5 and pretrain_metrics["probe_seconds"] > 0
+    assert pretrain_metrics["mi_term"] == pytest.approx(1e-5 * pretrain_metrics["mi"], rel=1e-6)
     # re-evaluate the fine-tuned checkpoint here: the numbers in results.json are that model's
     cfg = load_config(QUICKSTART, quick_overrides(out, data_root))
     checkpoint = runner.stage_checkpoint(runner.storage_root(cfg), results["finetune"])
@@ -93,11 +100,14 @@ def test_mimir_run_writes_results_that_come_from_the_run(ray_local, data_root, t
 
 
 def test_two_worker_trainer_runs_ddp_on_cpu(ray_local, data_root, tmp_path):
+    # Eq. 29 HSIC at the paper's lambda: the run measures that its penalty does nothing
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root, pretrain_epochs=1) + [
-        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"])
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+        "pretrain.mi.estimator=hsic"])
     checkpoint = runner.run_pretrain(cfg)
     record = runner.read_stage_record(runner.storage_root(cfg), "pretrain")
     assert record["metrics"]["epoch"] == 0 and record["metrics"]["images_per_second"] > 0
+    assert 0 < record["metrics"]["mi_share"] < 1e-6
     with checkpoint.as_directory() as directory:
         assert load_state(directory)["config"]["scaling"]["num_workers"] == 2
 

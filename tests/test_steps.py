@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mimir.mi import make_estimator
+from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
                                pretrain_step, set_lr)
@@ -31,20 +31,22 @@ def test_pretrain_step_lowers_the_loss_on_a_fixed_batch(tiny_config, estimator, 
     opt = pretrain_optimizer(mae, cfg)
     images, _ = _digits_batch(16)
     precision = Precision.create("fp32", CPU)
-    est = make_estimator(estimator)
+    est = MIPenalty.from_config(cfg.mi)
     torch.manual_seed(0)
     first = [pretrain_step(mae, opt, images, cfg, precision, est) for _ in range(3)]
     for _ in range(20):
         pretrain_step(mae, opt, images, cfg, precision, est)
     last = [pretrain_step(mae, opt, images, cfg, precision, est) for _ in range(3)]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    mean = lambda rows, k: sum(r[k].item() for r in rows) / len(rows)
     assert mean(last, "mse") < 0.8 * mean(first, "mse")
     assert all(r["skipped"] == 0 for r in first + last)
     if estimator != "none":
         assert mean(first, "mi") != 0.0
         assert mean(first, "loss") == pytest.approx(mean(first, "mse") + 1e-3 * mean(first, "mi"), rel=1e-4)
+        assert mean(first, "mi_term") == pytest.approx(1e-3 * mean(first, "mi"), rel=1e-6)
     else:
-        assert all(r["mi"] == 0.0 for r in first)
+        assert est is None
+        assert all(r["mi"] == 0.0 and r["mi_term"] == 0.0 for r in first)
 
 
 @pytest.mark.parametrize("method", ["clean", "pgd", "fast", "trades", "mart"])
@@ -70,7 +72,7 @@ def test_non_finite_loss_never_updates_weights(tiny_config):
     before = {k: v.clone() for k, v in mae.state_dict().items()}
     images = torch.rand(8, 3, 16, 16)
     images[0, 0, 0, 0] = float("nan")
-    metrics = pretrain_step(mae, opt, images, cfg, Precision.create("fp32", CPU), make_estimator("hsic"))
+    metrics = pretrain_step(mae, opt, images, cfg, Precision.create("fp32", CPU), MIPenalty.from_config(cfg.mi))
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in mae.state_dict().items())
 
@@ -81,8 +83,9 @@ def test_mixed_precision_steps_run_and_report_finite_metrics(tiny_config, precis
     prec = Precision.create(precision, CPU)
     assert (prec.scaler is not None) == (precision == "fp16")
     opt = pretrain_optimizer(mae, tiny_config.pretrain)
-    metrics = pretrain_step(mae, opt, torch.rand(8, 3, 16, 16), tiny_config.pretrain, prec, make_estimator("hsic"))
-    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["mi"])
+    metrics = pretrain_step(mae, opt, torch.rand(8, 3, 16, 16), tiny_config.pretrain, prec,
+                            MIPenalty.from_config(tiny_config.pretrain.mi))
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["mi"]) and metrics["mi"] != 0
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine(tiny_config):

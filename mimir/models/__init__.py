@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from mimir.models.mae import MaskedAutoencoder, patchify, unpatchify
+from mimir.models.mae import MaskedAutoencoder, init_like_mae, patchify, unpatchify
 from mimir.models.registry import ARCHITECTURES, Architecture, cell_size
 
 __all__ = [
@@ -19,11 +19,12 @@ __all__ = [
 
 def create_encoder(arch: str, img_size: int, patch_size: int, num_classes: int = 0,
                    drop_path: float = 0.0, embed_dim: int | None = None, depth: int | None = None,
-                   num_heads: int | None = None, in_chans: int = 3) -> nn.Module:
+                   num_heads: int | None = None, in_chans: int = 3, global_pool: str = "token") -> nn.Module:
     """``timm.create_model`` of the architecture at this image and patch size (random init)."""
     spec = ARCHITECTURES[arch]
     kwargs: dict[str, Any] = dict(spec.timm_kwargs, img_size=img_size, patch_size=patch_size,
-                                  num_classes=num_classes, drop_path_rate=drop_path, in_chans=in_chans)
+                                  num_classes=num_classes, drop_path_rate=drop_path, in_chans=in_chans,
+                                  global_pool=global_pool)
     if num_heads is not None:
         kwargs["num_heads"] = num_heads
     if depth is not None:
@@ -51,10 +52,13 @@ def build_mae(cfg: Any) -> MaskedAutoencoder:
     """The pre-training autoencoder for a RunConfig."""
     encoder = create_encoder(cfg.model.arch, **_model_kwargs(cfg))
     m, p = cfg.model, cfg.pretrain
+    if m.init == "mae":
+        init_like_mae(encoder)
     return MaskedAutoencoder(
-        encoder, ARCHITECTURES[m.arch].family, cfg.data.img_size, m.patch_size, p.mask_ratio,
-        cfg.data.mean, cfg.data.std, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio,
-        p.norm_pix_loss)
+        encoder, family=ARCHITECTURES[m.arch].family, img_size=cfg.data.img_size, patch_size=m.patch_size,
+        mask_ratio=p.mask_ratio, mask_sampling=p.mask_sampling, mean=cfg.data.mean, std=cfg.data.std,
+        decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+        mlp_ratio=m.mlp_ratio, norm_pix_loss=p.norm_pix_loss)
 
 
 class Classifier(nn.Module):
@@ -70,6 +74,10 @@ class Classifier(nn.Module):
         """Encoder tokens before the head (the ``f_e`` of the adaptive attacks)."""
         return self.net.forward_features((images - self.mean) / self.std)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooled pre-logits vector the head reads (the authors' ``z`` for PGD-MI)."""
+        return self.net.forward_head(features, pre_logits=True)
+
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(features)
 
@@ -79,21 +87,25 @@ class Classifier(nn.Module):
 
 def build_classifier(cfg: Any, num_classes: int) -> Classifier:
     net = create_encoder(cfg.model.arch, num_classes=num_classes, drop_path=cfg.finetune.drop_path,
-                         **_model_kwargs(cfg))
+                         global_pool=cfg.finetune.global_pool, **_model_kwargs(cfg))
     return Classifier(net, cfg.data.mean, cfg.data.std)
 
 
 def load_encoder_weights(net: nn.Module, mae_state: dict[str, torch.Tensor]) -> None:
     """Load a pre-training state dict's ``encoder.*`` weights into a timm classifier.
 
-    Only the classifier head may be missing; any other missing or unexpected key is an error that
-    names the keys (a wrong architecture or size must not fine-tune from a half-loaded encoder).
+    Only the classifier head (and, with average pooling, its fresh ``fc_norm``) may be missing; with
+    average pooling the encoder's final ``norm`` is dropped, as in the authors' fine-tuning. Any other
+    missing or unexpected key is an error that names the keys (a wrong architecture or size must not
+    fine-tune from a half-loaded encoder).
     """
+    own = net.state_dict()
     encoder_state = {k.removeprefix("encoder."): v for k, v in mae_state.items() if k.startswith("encoder.")}
     if not encoder_state:
         raise ValueError("the pre-training checkpoint holds no 'encoder.*' weights")
-    head_keys = {k for k in net.state_dict() if k.startswith("head.")}
-    own = net.state_dict()
+    if not any(k.startswith("norm.") for k in own):  # timm replaced it by fc_norm after the pooling
+        encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith("norm.")}
+    head_keys = {k for k in own if k.startswith(("head.", "fc_norm."))}
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in encoder_state.items() if k in own and own[k].shape != v.shape]
     if mismatched:

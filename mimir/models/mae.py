@@ -4,16 +4,20 @@ The encoder is the timm classifier itself (head removed); this module only adds 
 pass for each family, the decoder of the paper's Table 11, and the reconstruction loss. Images come
 in as [0, 1] tensors; normalization happens inside, so attacks work in pixel space.
 
-Masking. ViT uses per-sample uniform random masking (MAE). ConViT's gated positional attention and
-XCiT's local patch interaction read the token sequence as a square grid, which scattered visible
-patches are not. For those families we keep one random patch in every k x k cell (k = 2 at mask
-ratio 0.75) and order the kept tokens cell by cell, so the visible tokens really are a grid of
-side / k whose neighbours are image neighbours; the masking stays random per sample and per cell.
+Masking. By default every family uses per-sample uniform random masking (MAE, the paper's Sec. 3.3
+and the authors' code). ConViT's gated positional attention and XCiT's local patch interaction read
+the token sequence as a square grid; with uniform masking the visible tokens are read as a grid of
+side sqrt(L_keep) in random order, as the authors' code does, so a token's grid neighbours are not
+its image neighbours. ``mask_sampling="grid"`` instead keeps one random patch in every k x k cell
+(k = 2 at mask ratio 0.75), ordered cell by cell, so the visible tokens are a grid of side / k whose
+neighbours are image neighbours; the masking stays random per sample and per cell.
 """
 
 from __future__ import annotations
 
 from functools import partial
+
+import math
 
 import numpy as np
 import torch
@@ -76,6 +80,24 @@ def cell_mask(batch: int, grid: int, cell: int, device: torch.device,
     return (row * grid + col).reshape(batch, -1)
 
 
+def init_like_mae(encoder: nn.Module) -> None:
+    """MAE's initialization (also the authors'): xavier-uniform linear layers and patch projection
+    (viewed as a linear map), zero biases, unit LayerNorms, N(0, 0.02) class token."""
+    for m in encoder.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = getattr(getattr(encoder, "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    if isinstance(getattr(encoder, "cls_token", None), nn.Parameter):
+        nn.init.normal_(encoder.cls_token, std=0.02)
+
+
 def keep_to_mask(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(B, L_keep) kept ids -> (B, L) float mask, 1 = masked (removed), 0 = visible."""
     mask = torch.ones(keep.shape[0], num_patches, device=keep.device)
@@ -89,10 +111,11 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class MaskedAutoencoder(nn.Module):
     """MAE over a timm encoder. ``forward(images, keep)`` -> (per-patch prediction, latent z)."""
 
-    def __init__(self, encoder: nn.Module, family: Family, img_size: int, patch_size: int,
+    def __init__(self, encoder: nn.Module, *, family: Family, img_size: int, patch_size: int,
                  mask_ratio: float, mean: tuple[float, ...], std: tuple[float, ...],
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 16,
-                 mlp_ratio: float = 4.0, norm_pix_loss: bool = True, in_chans: int = 3):
+                 mlp_ratio: float = 4.0, norm_pix_loss: bool = True, in_chans: int = 3,
+                 mask_sampling: str = "uniform"):
         super().__init__()
         self.encoder = encoder
         self.family = family
@@ -100,7 +123,7 @@ class MaskedAutoencoder(nn.Module):
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
         self.mask_ratio = mask_ratio
-        self.cell = cell_size(mask_ratio) if family != "vit" else None
+        self.cell = cell_size(mask_ratio) if family != "vit" and mask_sampling == "grid" else None
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -179,7 +202,7 @@ class MaskedAutoencoder(nn.Module):
                 pos = enc.pos_embed(tokens.shape[0], hp, wp).reshape(tokens.shape[0], -1, tokens.shape[1])
                 tokens = tokens + pos.permute(0, 2, 1)
             z = enc.pos_drop(gather_tokens(tokens, keep))
-            side = self.grid // self.cell
+            side = math.isqrt(keep.shape[1])
             for blk in enc.blocks:
                 z = blk(z, side, side)
             z = torch.cat([enc.cls_token.expand(z.shape[0], -1, -1), z], dim=1)

@@ -20,20 +20,44 @@ import torch
 import torch.distributed as dist
 
 from mimir.config import OptimConfig, RunConfig
-from mimir.mi import make_estimator
+from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
-from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
-                               pretrain_step, set_lr, unwrap)
+from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
+                               pretrain_optimizer, pretrain_step, set_lr, unwrap)
+
+Metrics = dict[str, torch.Tensor]
+# below this share of the encoder gradient the MI penalty cannot change what the encoder learns
+NO_EFFECT_SHARE = 1e-6
 
 
-def _mean_across_workers(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)
+def _mean_across_workers(step_sums: Metrics, steps: int, epoch_values: Metrics,
+                         device: torch.device) -> dict[str, float]:
+    """Per-step metrics averaged over every step of every worker, per-epoch values over the workers;
+    one all-reduce and one device sync for the whole epoch."""
+    step_keys, epoch_keys = sorted(step_sums), sorted(epoch_values)
+    parts = [step_sums[k] for k in step_keys] + [torch.tensor(float(steps), device=device)]
+    parts += [epoch_values[k] for k in epoch_keys] + [torch.tensor(1.0, device=device)]
+    values = torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
-    total = max(values[-1].item(), 1.0)
-    return {k: values[i].item() / total for i, k in enumerate(keys)}
+    values = values.tolist()
+    total_steps, n_step = max(values[len(step_keys)], 1.0), len(step_keys) + 1
+    workers = values[-1]
+    report = {k: values[i] / total_steps for i, k in enumerate(step_keys)}
+    report.update({k: values[n_step + i] / workers for i, k in enumerate(epoch_keys)})
+    return report
+
+
+def no_effect_warning(report: dict[str, float], warmup_epochs: float) -> str | None:
+    """The warning for an epoch after warm-up whose MI penalty is too weak to matter, else None."""
+    share = report.get("mi_share")
+    if share is None or report["epoch"] + 1 < warmup_epochs or share >= NO_EFFECT_SHARE:
+        return None
+    return (f"WARNING: the MI penalty has no effect at this lambda: it makes {share:.2g} of the encoder "
+            f"gradient (below {NO_EFFECT_SHARE:g}). Raise pretrain.mi.weight (`mimir mi-scale CONFIG` "
+            "shows the lambda range where each estimator acts), or use the estimator the paper's "
+            "lambdas were tuned with (pretrain.mi.estimator=hsic_cca).")
 
 
 def _worker_setup(cfg: RunConfig) -> torch.device:
@@ -47,8 +71,12 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
 
 def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int,
-                  step: Callable[[dict[str, torch.Tensor]], dict[str, float]], extra_state: dict[str, Any]) -> None:
-    """The epoch loop shared by both stages: schedule, shard iteration, metrics, checkpoints."""
+                  step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
+                  probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None) -> None:
+    """The epoch loop shared by both stages: schedule, shard iteration, metrics, checkpoints.
+
+    ``probe`` measures per-epoch values on the epoch's first batch, before its step, with its own
+    random stream (the run continues exactly as without it)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -63,32 +91,46 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             print(f"[{stage}] resuming from epoch {start_epoch} of {optim_cfg.epochs}", flush=True)
     shard = ray.train.get_dataset_shard("train")
     local_batch = optim_cfg.batch_size // world
+    warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
         model.train()
-        sums: dict[str, float] = {}
-        steps, images_seen, started = 0, 0, time.perf_counter()
+        sums: Metrics = {}
+        epoch_values: Metrics = {}
+        steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
         batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
                                            local_shuffle_buffer_size=4 * local_batch)
         for batch in batches:
+            if probe is not None and steps == 0:
+                probe_started = time.perf_counter()
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    epoch_values = probe(batch)
+                probe_seconds = time.perf_counter() - probe_started
             lr = lr_at(epoch + min(steps / steps_per_epoch, 1.0), optim_cfg)
             set_lr(optimizer, lr)
             metrics = step(batch)
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] = sums[key] + value if key in sums else value
             steps += 1
             images_seen += batch["image"].shape[0]
         if steps == 0:
             raise RuntimeError(f"[{stage}] worker {rank} got no full batch of {local_batch} images; "
                                "lower the batch size or use fewer workers")
         elapsed = time.perf_counter() - started
-        report = _mean_across_workers(sums, steps, device)
+        report = _mean_across_workers(sums, steps, epoch_values, device)
         report.update(epoch=epoch, lr=lr, seconds=elapsed, images_per_second=images_seen * world / elapsed)
+        if probe is not None:
+            report["probe_seconds"] = probe_seconds
         last = epoch == optim_cfg.epochs - 1
         if rank == 0:
-            shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "mse", "mi", "acc") if k in report)
+            shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "mse", "mi_term", "mi_share", "acc")
+                             if k in report)
             skipped = f" skipped {report['skipped'] * steps:.0f}" if report.get("skipped") else ""
             print(f"[{stage}] epoch {epoch + 1}/{optim_cfg.epochs} {shown} lr {lr:.3g} "
                   f"{report['images_per_second']:.0f} img/s{skipped}", flush=True)
+            warning = None if warned_no_effect else no_effect_warning(report, optim_cfg.warmup_epochs)
+            if warning:
+                warned_no_effect = True
+                print(f"[{stage}] {warning}", flush=True)
         if last or (epoch + 1) % optim_cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
@@ -109,15 +151,19 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(build_mae(cfg))
     optimizer = pretrain_optimizer(model, cfg.pretrain)
     precision = Precision.create(cfg.scaling.precision, device)
-    mi = cfg.pretrain.mi
-    estimator = make_estimator(mi.estimator, mi.sigma, mi.alpha)
+    penalty = MIPenalty.from_config(cfg.pretrain.mi)
 
-    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def step(batch: dict[str, torch.Tensor]) -> Metrics:
         images = batch["image"].float().div_(255)
-        return pretrain_step(model, optimizer, images, cfg.pretrain, precision, estimator)
+        return pretrain_step(model, optimizer, images, cfg.pretrain, precision, penalty)
+
+    def probe(batch: dict[str, torch.Tensor]) -> Metrics:
+        images = batch["image"].float().div_(255)
+        share, _ = mi_gradient_share(model, images, cfg.pretrain, precision, penalty)
+        return {"mi_share": share}
 
     _train_epochs("pretrain", cfg, cfg.pretrain, model, optimizer, precision, config["steps_per_epoch"], step,
-                  {"pretrain_hash": cfg.pretrain_hash()})
+                  {"pretrain_hash": cfg.pretrain_hash()}, probe=probe if penalty else None)
 
 
 def finetune_worker(config: dict[str, Any]) -> None:
@@ -133,7 +179,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
     optimizer = finetune_optimizer(model, cfg.finetune)
     precision = Precision.create(cfg.scaling.precision, device)
 
-    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def step(batch: dict[str, torch.Tensor]) -> Metrics:
         images = batch["image"].float().div_(255)
         labels = batch["target"] if "target" in batch else batch["label"]
         return finetune_step(model, optimizer, images, labels, cfg.finetune, precision)

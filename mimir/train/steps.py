@@ -1,6 +1,8 @@
 """Pure PyTorch training steps: model, optimizer and batch in; loss and metrics out.
 
 They know nothing of Ray, so the per-worker loops call them and tests exercise them directly.
+Metrics come back as detached 0-dim tensors on the model's device: the loop sums them there and
+synchronizes once per epoch (``.item()`` per step would stall a GPU every step).
 A model may arrive wrapped in DistributedDataParallel: the update goes through the wrapper (so
 gradients are all-reduced), attacks and masks use the bare module (no gradient sync needed).
 """
@@ -19,7 +21,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from mimir import attacks
 from mimir.config import FinetuneConfig, OptimConfig, PretrainConfig
-from mimir.mi import Estimator
+from mimir.mi import MIPenalty
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -104,30 +106,69 @@ def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision
     return True
 
 
+def pretrain_adversary(mae: nn.Module, images: torch.Tensor, keep: torch.Tensor, cfg: PretrainConfig,
+                       precision: Precision) -> torch.Tensor:
+    """The encoder's input x + delta for this batch and mask (x itself when ``attack.steps == 0``)."""
+    if cfg.attack.steps == 0:
+        return images
+    a = cfg.attack
+    with precision.autocast():
+        return attacks.reconstruction_attack(mae, images, keep, a.eps, a.step_size, a.steps, a.random_start,
+                                             fresh_mask=cfg.attack_mask == "fresh",
+                                             target_adversarial=cfg.attack_target == "adversarial")
+
+
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                  cfg: PretrainConfig, precision: Precision, estimator: Estimator | None) -> dict[str, float]:
-    """One step of Algorithm 1 with Eq. 8: attack the visible patches, reconstruct the clean image,
-    penalize I(x + delta, z). ``attack.steps == 0`` is MAE; ``mi.weight == 0`` is Adv-MAE."""
+                  cfg: PretrainConfig, precision: Precision, penalty: MIPenalty | None) -> dict[str, torch.Tensor]:
+    """One step of Algorithm 1 with Eq. 8: attack, reconstruct the clean image, add lambda * I.
+
+    ``attack.steps == 0`` is MAE; ``penalty is None`` is Adv-MAE. Metrics: ``loss``, ``mse``,
+    ``mi`` (the estimate I), ``mi_term`` (lambda * I, what the loss adds) and ``skipped``.
+    """
     mae = unwrap(model)
     keep = mae.sample_keep(images.shape[0], images.device)
-    if cfg.attack.steps > 0:
-        with precision.autocast():
-            adv = attacks.reconstruction_attack(mae, images, keep, cfg.attack.eps, cfg.attack.step_size,
-                                                cfg.attack.steps, cfg.attack.random_start)
-    else:
-        adv = images
+    adv = pretrain_adversary(mae, images, keep, cfg, precision)
     with precision.autocast():
         pred, latent = model(adv, keep)
         mse = mae.reconstruction_loss(pred, images, keep)
-    use_mi = estimator is not None and cfg.mi.weight > 0
-    mi = estimator(adv, latent) if use_mi else torch.zeros((), device=images.device)
-    loss = mse + cfg.mi.weight * mi if use_mi else mse
+    zero = torch.zeros((), device=images.device)
+    mi = penalty.mi(images, adv, latent) if penalty else zero
+    term = penalty.weight * mi if penalty else zero
+    loss = mse + term
     updated = apply_update(loss, optimizer, precision, cfg.clip_grad)
-    return {"loss": loss.item(), "mse": mse.item(), "mi": mi.item(), "skipped": float(not updated)}
+    return {"loss": loss.detach(), "mse": mse.detach(), "mi": mi.detach(), "mi_term": term.detach(),
+            "skipped": torch.tensor(float(not updated), device=images.device)}
+
+
+def _grad_norm(output: torch.Tensor, params: list[torch.Tensor], retain: bool) -> torch.Tensor:
+    grads = torch.autograd.grad(output, params, retain_graph=retain, allow_unused=True)
+    return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+
+
+def mi_gradient_share(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig, precision: Precision,
+                      penalty: MIPenalty) -> tuple[torch.Tensor, torch.Tensor]:
+    """||grad_theta lambda * I|| / ||grad_theta L_mse|| over the encoder's parameters on this batch,
+    and the estimate I itself.
+
+    The same computation as a step (mask, attack, forward) on the bare module, without an update
+    and without touching any gradient buffer; costs about one step. It answers "does the penalty
+    move the encoder at this lambda?", which the loss value alone cannot (lambda * I can be
+    negligible next to the MSE while its gradient is not, and the other way round).
+    """
+    mae = unwrap(model)
+    keep = mae.sample_keep(images.shape[0], images.device)
+    adv = pretrain_adversary(mae, images, keep, cfg, precision)
+    with precision.autocast():
+        pred, latent = mae(adv, keep)
+        mse = mae.reconstruction_loss(pred, images, keep)
+    mi = penalty.mi(images, adv, latent)
+    params = [p for p in mae.encoder.parameters() if p.requires_grad]
+    share = _grad_norm(penalty.weight * mi, params, retain=True) / _grad_norm(mse, params, retain=False)
+    return share.detach(), mi.detach()
 
 
 def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                  labels: torch.Tensor, cfg: FinetuneConfig, precision: Precision) -> dict[str, float]:
+                  labels: torch.Tensor, cfg: FinetuneConfig, precision: Precision) -> dict[str, torch.Tensor]:
     """One fine-tuning step: clean, PGD-k, FastAT (FGSM-RS), TRADES or MART.
 
     ``labels`` are class ids (B,) or soft targets (B, C) from MixUp / CutMix. Adversarial examples
@@ -144,7 +185,10 @@ def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
                 adv = attacks.trades_adversary(net, images, a.eps, a.step_size, a.steps)
             elif cfg.method == "fast":
                 adv = attacks.fgsm_rs(net, images, labels, a.eps)
-            else:  # pgd, mart
+            elif cfg.method == "mart" and cfg.mart_start == "gaussian":
+                adv = attacks.pgd_ce(net, images, labels, a.eps, a.step_size, a.steps,
+                                     start=images + 0.001 * torch.randn_like(images))
+            else:  # pgd, mart from a uniform start
                 adv = attacks.pgd_ce(net, images, labels, a.eps, a.step_size, a.steps, a.random_start)
             net.train()
         if cfg.method in ("trades", "mart"):
@@ -157,4 +201,5 @@ def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
     updated = apply_update(loss, optimizer, precision, cfg.clip_grad)
     hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
     acc = (logits.argmax(dim=1) == hard).float().mean()
-    return {"loss": loss.item(), "acc": acc.item(), "skipped": float(not updated)}
+    return {"loss": loss.detach(), "acc": acc.detach(),
+            "skipped": torch.tensor(float(not updated), device=images.device)}
