@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -84,11 +85,24 @@ def _params(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         yield from group["params"]
 
 
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on this worker and on every other one (one small all-reduce).
+
+    Under DDP every rank must take the same decision: a rank that skips ``backward()`` while the
+    others run it desynchronizes the gradient all-reduces (gradients of different steps get averaged,
+    then a later collective aborts)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: Precision,
                  clip_grad: float | None) -> bool:
-    """Backward and step; returns False (weights untouched) when the loss or gradients are not finite."""
+    """Backward and step; returns False (weights untouched) when the loss, on any worker, or the
+    (all-reduced, so identical) gradients are not finite."""
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss.detach()):
+    if not _finite_on_every_rank(loss):
         return False
     scaler = precision.scaler
     (scaler.scale(loss) if scaler else loss).backward()
