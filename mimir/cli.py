@@ -40,7 +40,8 @@ def _stage_command(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
         pretrained = _checkpoint(args.pretrained)
     if getattr(args, "checkpoint", None):
         finetuned = _checkpoint(args.checkpoint)
-    results = runner.run_pipeline(cfg, stages, resume=args.resume, pretrained=pretrained, finetuned=finetuned)
+    results = runner.run_pipeline(cfg, stages, resume=args.resume, overwrite=args.overwrite,
+                                  pretrained=pretrained, finetuned=finetuned)
     print(format_results(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return 0
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="run config YAML (configs/...)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.epochs=2")
-        p.add_argument("--resume", action="store_true", help="continue an interrupted run in output_dir")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--resume", action="store_true", help="continue an interrupted run in output_dir")
+        mode.add_argument("--overwrite", action="store_true",
+                          help="replace the stages in output_dir that this run trains (a changed config)")
         return p
 
     stage("run", "pre-train, fine-tune and evaluate").set_defaults(stages=("pretrain", "finetune", "evaluate"))

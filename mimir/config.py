@@ -255,16 +255,41 @@ class RunConfig(_Strict):
                     f"{self.scaling.num_workers}")
         return self
 
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """What determines a training stage's weights: the fields its reuse is keyed on."""
+        dumped = self.model_dump(mode="json")
+        if stage == "pretrain":
+            keep = {k: dumped[k] for k in ("seed", "data", "model", "pretrain")}
+            keep["data"] = {k: v for k, v in keep["data"].items()
+                            if k in ("dataset", "img_size", "mean", "std", "crop_scale", "hflip")}
+        elif stage == "finetune":
+            keep = {k: dumped[k] for k in ("seed", "data", "model", "pretrain", "finetune")}
+        else:
+            raise ValueError(f"unknown training stage {stage!r}")
+        keep["scaling"] = {"num_workers": self.scaling.num_workers}
+        return keep
+
+    def stage_hash(self, stage: str) -> str:
+        return _digest(self.stage_config(stage))
+
     def pretrain_hash(self) -> str:
         """Hash of everything that determines the pre-trained weights (cache key for sweeps)."""
-        keep = {k: self.model_dump(mode="json")[k] for k in ("seed", "data", "model", "pretrain")}
-        keep["data"] = {k: v for k, v in keep["data"].items()
-                        if k in ("dataset", "img_size", "mean", "std", "crop_scale", "hflip")}
-        keep["scaling"] = {"num_workers": self.scaling.num_workers}
-        return _digest(keep)
+        return self.stage_hash("pretrain")
 
     def config_hash(self) -> str:
         return _digest(self.model_dump(mode="json"))
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["pretrain.mask_ratio: 0.75 -> 0.5", ...]``: the leaves that differ between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return changes
 
 
 def _digest(obj: Any) -> str:

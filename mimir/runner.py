@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from mimir.config import RunConfig
+from mimir.config import RunConfig, config_changes
 from mimir.data.pipeline import (eval_dataset, num_train_rows, resolve_dataset, train_dataset)
 from mimir.evaluate import evaluate_classifier, load_classifier
 from mimir.data.convert import load_manifest
@@ -37,7 +37,7 @@ log = logging.getLogger("mimir")
 
 
 class StageExistsError(RuntimeError):
-    """A run folder holds earlier work and neither --resume nor a new output_dir was given."""
+    """A run folder holds earlier work that this run may not continue or reuse as asked."""
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -119,6 +119,58 @@ def stage_checkpoint(storage: str, record: dict[str, Any]) -> ray.train.Checkpoi
     return ray.train.Checkpoint(_join(storage, record["checkpoint"]))
 
 
+def _latest_checkpoint_state(storage: str, name: str) -> dict[str, Any] | None:
+    """``state.json`` of an unfinished run's newest checkpoint (Ray names them by time), if any."""
+    fs, path = _fs(_join(storage, name))
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    checkpoints = sorted(e.path for e in entries
+                         if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    for directory in reversed(checkpoints):
+        state = f"{directory}/state.json"
+        if fs.get_file_info(state).type == pafs.FileType.File:
+            with fs.open_input_stream(state) as stream:
+                return json.loads(stream.read())
+    return None
+
+
+def _refuse_changed(stage: str, where: str, recorded: dict[str, Any] | None, cfg: RunConfig, what: str) -> None:
+    changes = config_changes(recorded, cfg.stage_config(stage)) if recorded else ["(not recorded)"]
+    raise StageExistsError(
+        f"{where} holds {what} {stage} run of another config ({'; '.join(changes[:8])}"
+        f"{'; ...' if len(changes) > 8 else ''}); choose another output_dir, or pass --overwrite to "
+        "replace it")
+
+
+def check_stage(stage: str, cfg: RunConfig, storage: str, name: str, resume: bool) -> bool:
+    """Whether a finished stage can be reused (True), or must run (False); raises StageExistsError,
+    before anything trains, when the folder holds this stage for another config or an unfinished run
+    without ``--resume``. A stage is reused, and resumed, only for the same stage hash."""
+    where = _join(storage, name)
+    record = read_stage_record(storage, name)
+    if record is not None:
+        if record.get("stage_hash") != cfg.stage_hash(stage):
+            _refuse_changed(stage, where, record.get("stage_config"), cfg, "a finished")
+        return True
+    if not _run_exists(storage, name):
+        return False
+    if not resume:
+        raise StageExistsError(f"{where} holds an unfinished {stage} run; pass --resume to continue it, "
+                               "--overwrite to replace it, or choose another output_dir")
+    state = _latest_checkpoint_state(storage, name)
+    if state is not None:
+        recorded = RunConfig.model_validate(state["config"]).stage_config(stage)
+        if recorded != cfg.stage_config(stage):
+            _refuse_changed(stage, where, recorded, cfg, "an unfinished")
+    return False
+
+
+def remove_stage(storage: str, name: str) -> None:
+    """Delete a stage's run folder (``--overwrite``)."""
+    fs, path = _fs(_join(storage, name))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 # -- trainers -----------------------------------------------------------------------------------
 def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
     s = cfg.scaling
@@ -132,14 +184,9 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
          dataset: Callable[[], ray.data.Dataset], resume: bool, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
     """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint.
     ``dataset`` builds the training data, only when the stage has to run (it may read it into memory)."""
-    record = read_stage_record(storage, name)
-    if record is not None:
+    if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
-        return stage_checkpoint(storage, record)
-    if _run_exists(storage, name) and not resume:
-        raise StageExistsError(
-            f"{_join(storage, name)} holds an unfinished {stage} run; pass --resume to continue it, "
-            "or choose another output_dir")
+        return stage_checkpoint(storage, read_stage_record(storage, name))
     trainer = ray.train.torch.TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -159,7 +206,8 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
         raise RuntimeError(f"[{stage}] finished without a checkpoint")
     relative = result.checkpoint.path.rstrip("/").rsplit("/", 2)[-2:]
     record = {"stage": stage, "checkpoint": "/".join(relative), "metrics": result.metrics,
-              "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
+              "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash(),
+              "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)}
     _write_stage_record(storage, name, record)
     return stage_checkpoint(storage, record)
 
@@ -223,10 +271,32 @@ def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, 
     return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
 
 
-def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False,
+def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False, overwrite: bool = False,
+                 pretrained_given: bool = False, finetuned_given: bool = False) -> None:
+    """Before anything starts: refuse an output folder whose stages belong to another config (or are
+    unfinished without --resume), or, with ``overwrite``, clear those of the stages this run trains."""
+    storage = storage_root(cfg)
+    training = [s for s in ("pretrain", "finetune") if s in stages and (s != "pretrain" or cfg.pretrain.enabled)]
+    for stage in training:
+        try:
+            check_stage(stage, cfg, storage, stage, resume)
+        except StageExistsError:
+            if not overwrite:
+                raise
+            remove_stage(storage, stage)  # a stage of this very config is kept and reused
+    # a stage run alone starts from the previous stage in output_dir: it must be this config's
+    if "finetune" in stages and "pretrain" not in stages and cfg.pretrain.enabled and not pretrained_given:
+        check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+    if "evaluate" in stages and "finetune" not in stages and not finetuned_given:
+        check_stage("finetune", cfg, storage, "finetune", resume=False)
+
+
+def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
                  pretrained: ray.train.Checkpoint | None = None,
                  finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
     """pre-train -> fine-tune -> evaluate (or a subset); writes and returns ``results.json``."""
+    check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+                 finetuned_given=finetuned is not None)
     init_ray()
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

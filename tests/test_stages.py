@@ -1,0 +1,87 @@
+"""A finished or unfinished stage in output_dir is reused or continued only for the same config; any
+other config stops before Ray starts, names what changed, and leaves the folder as it was."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mimir import cli, runner
+from mimir.config import load_config
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _config(out, *overrides):
+    return load_config(QUICKSTART, [f"output_dir={out}", *overrides])
+
+
+def _finish(cfg, stage):
+    """Leave a stage record as a finished TorchTrainer stage would."""
+    storage = runner.storage_root(cfg)
+    (Path(storage) / stage).mkdir(parents=True, exist_ok=True)
+    runner._write_stage_record(storage, stage, {
+        "stage": stage, "checkpoint": f"{stage}/checkpoint_x", "metrics": {},
+        "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)})
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(out)
+    _finish(cfg, "pretrain")
+    _finish(cfg, "finetune")
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    return out, cfg
+
+
+def test_the_same_config_reuses_both_stages(finished):
+    out, cfg = finished
+    storage = runner.storage_root(cfg)
+    assert runner.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+    assert runner.check_stage("finetune", cfg, storage, "finetune", resume=False)
+    # evaluation settings are not part of what the stages trained
+    runner.check_output(_config(out, "evaluate.attacks=[natural]"), runner.STAGES)
+
+
+def test_a_changed_pretraining_config_is_refused_naming_the_field(finished):
+    out, cfg = finished
+    with pytest.raises(runner.StageExistsError, match=r"pretrain\.mask_ratio: 0\.75 -> 0\.5"):
+        runner.check_output(_config(out, "pretrain.mask_ratio=0.5"), runner.STAGES)
+    with pytest.raises(runner.StageExistsError, match=r"model\.depth: 4 -> 2"):
+        runner.check_output(_config(out, "model.depth=2"), ("evaluate",))  # would not load the weights
+
+
+def test_a_changed_finetuning_config_keeps_the_pretraining_and_refuses_the_finetuning(finished):
+    out, cfg = finished
+    changed = _config(out, "finetune.blr=0.01")
+    storage = runner.storage_root(changed)
+    assert runner.check_stage("pretrain", changed, storage, "pretrain", resume=False)
+    with pytest.raises(runner.StageExistsError, match=r"finetune\.blr: 0\.005 -> 0\.01"):
+        runner.check_output(changed, runner.STAGES)
+    runner.check_output(changed, runner.STAGES, overwrite=True)  # clears only what no longer fits
+    assert runner.read_stage_record(storage, "pretrain") is not None
+    assert not (Path(storage) / "finetune").exists()
+
+
+def test_the_cli_refuses_before_ray_and_leaves_config_json_alone(finished, capsys):
+    out, cfg = finished
+    before = (out / "config.json").read_text()
+    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}", "pretrain.mask_ratio=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.mask_ratio" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "config.json").read_text() == before
+
+
+def test_resume_continues_only_an_unfinished_run_of_the_same_config(tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(out)
+    checkpoint = Path(runner.storage_root(cfg)) / "pretrain" / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"epoch": 3, "config": cfg.model_dump(mode="json")}))
+    storage = runner.storage_root(cfg)
+    with pytest.raises(runner.StageExistsError, match="--resume"):
+        runner.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+    assert runner.check_stage("pretrain", cfg, storage, "pretrain", resume=True) is False  # runs on
+    with pytest.raises(runner.StageExistsError, match=r"pretrain\.blr"):
+        runner.check_stage("pretrain", _config(out, "pretrain.blr=0.01"), storage, "pretrain", resume=True)
