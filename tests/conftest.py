@@ -1,6 +1,16 @@
 import pytest
 import torch
 
+# fixtures that start Ray (or a Ray cluster): every test using one belongs to the slow tier
+SLOW_FIXTURES = {"ray_local", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``-m "not slow"`` is the fast tier: no test that starts Ray or trains through it."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 from mimir.config import build_config
 
 
