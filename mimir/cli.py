@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mimir.data.convert import DatasetError
-    from mimir.runner import StageExistsError
+    from mimir.runner import NonFiniteRun, StageExistsError
 
     args = build_parser().parse_args(argv)
     try:
@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, StageExistsError, FileNotFoundError) as err:
         print(f"mimir: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteRun as err:
+        print(f"mimir: error: {err}; no results were written (see failed.json). The paper reran such "
+              f"runs with a ten times smaller learning rate ({err.stage}.blr)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ def _parse_fraction(value: Any) -> Any:
 Budget = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config section: unknown fields are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     dataset: str = "digits"  # a name under `root`, or a path to a prepared dataset folder
     root: str | None = None  # folder of prepared datasets; default $MIMIR_DATA_DIR or ~/.cache/mimir/datasets
     img_size: int = Field(16, gt=0)
@@ -67,7 +69,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     arch: str = "vit_tiny"
     # encoder initialization before pre-training: "mae" (xavier-uniform linears and patch embedding,
     # N(0, 0.02) class token, as MAE and the authors' code) or "timm" (timm's own scheme)
@@ -90,14 +92,14 @@ class ModelConfig(_Strict):
         return self
 
 
-class AttackConfig(_Strict):
+class AttackConfig(Strict):
     steps: int = Field(1, ge=0)  # 0: no attack
     eps: Budget = 8 / 255
     step_size: Budget = 10 / 255
     random_start: bool = True
 
 
-class EstimatorConfig(_Strict):
+class EstimatorConfig(Strict):
     """An MI estimator and its weight lambda (see ``mimir.mi`` for the scale of each estimator)."""
 
     # hsic_cca: the normalized-CCA HSIC of the authors' code, with which the paper's lambdas were
@@ -127,7 +129,7 @@ class MIConfig(EstimatorConfig):
     input: Literal["adversarial", "clean"] = "adversarial"
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     epochs: int = Field(..., ge=1)
     warmup_epochs: float = Field(0, ge=0)
     batch_size: int = Field(..., ge=2)  # total over all workers
@@ -199,7 +201,7 @@ class FinetuneConfig(OptimConfig):
 EvalAttack = Literal["natural", "pgd10", "pgd20", "pgd100", "autoattack", "pgd_mi", "pgd_feature"]
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(Strict):
     attacks: list[EvalAttack] = ["natural", "pgd20"]
     num_images: int | None = Field(None, ge=1)  # None: the whole test split
     batch_size: int = Field(256, ge=1)
@@ -218,7 +220,7 @@ class EvaluateConfig(_Strict):
         return self
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between workers
@@ -229,7 +231,7 @@ class ScalingConfig(_Strict):
     storage_path: str | None = None  # local path or URI (s3://, gs://); default: output_dir
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = "mimir"
     output_dir: str = "results/mimir"
     seed: int = 0
@@ -296,7 +298,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -309,19 +311,38 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["pretrain.epochs=2", "model.arch=vit_small"]`` -> nested dict; values are parsed as YAML."""
-    nested: dict[str, Any] = {}
+    dotted: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted[key] = yaml.safe_load(raw)
+    return nest(dotted)
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"pretrain.epochs": 2}`` -> ``{"pretrain": {"epochs": 2}}``: overrides as data."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override")
-        node[leaf] = yaml.safe_load(raw)
+                raise ConfigError(f"override {key!r} conflicts with an earlier override")
+        node[leaf] = value
     return nested
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`nest`."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -343,7 +364,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | No
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source or "(in memory)")) from None
+        raise ConfigError(format_errors(err, source or "(in memory)")) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from mimir.evaluate import evaluate_classifier, load_classifier
 from mimir.data.convert import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
+FAILED = "failed.json"  # where a run's results would be: why it has none
 STAGES = ("pretrain", "finetune", "evaluate")
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 log = logging.getLogger("mimir")
@@ -291,34 +293,75 @@ def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
         check_stage("finetune", cfg, storage, "finetune", resume=False)
 
 
-def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
-                 pretrained: ray.train.Checkpoint | None = None,
-                 finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
-    """pre-train -> fine-tune -> evaluate (or a subset); writes and returns ``results.json``."""
-    check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
-                 finetuned_given=finetuned is not None)
-    init_ray()
-    out = Path(cfg.output_dir).expanduser()
+class NonFiniteRun(RuntimeError):
+    """A stage ended with a non-finite loss (or skipped most of its updates as non-finite)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage} {message}")
+        self.stage = stage
+
+
+def check_finite(stage: str, record: dict[str, Any] | None) -> None:
+    """Raise NonFiniteRun when a finished stage diverged: its weights are no result."""
+    metrics = (record or {}).get("metrics", {})
+    loss, skipped = metrics.get("loss", 0.0), metrics.get("skipped", 0.0)
+    if not math.isfinite(loss) or skipped > 0.5:
+        raise NonFiniteRun(stage, f"ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
+
+
+def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+    """Write ``path`` through a renamed temporary file: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)
+
+
+def record_failure(out: Path, cfg: RunConfig, err: BaseException) -> None:
+    """``failed.json`` where ``results.json`` would be: the config and the reason."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    storage = storage_root(cfg)
-    timings: dict[str, float] = {}
+    write_json_atomically(out / FAILED, {"config": cfg.model_dump(mode="json"),
+                                         "reason": f"{type(err).__name__}: {err}"})
+
+
+def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, resume: bool = False,
+               pretrain_cache: str | None = None, pretrained: ray.train.Checkpoint | None = None,
+               finetuned: ray.train.Checkpoint | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """The one orchestration of pre-train -> fine-tune -> evaluate (or a subset) under ``storage``,
+    used by ``mimir run`` / ``pretrain`` / ``finetune`` / ``evaluate`` and by every sweep trial.
+
+    ``pretrain_cache`` (sweeps) keeps pre-trainings under ``<cache>/<pretrain hash>`` so configs that
+    differ only after pre-training share one, one process training it while the others wait.
+    ``callbacks`` go to the fine-tuning trainer. A stage that diverged raises NonFiniteRun. Returns
+    the results record (stage records, accuracies, seconds per stage and per attack)."""
+    seconds: dict[str, float] = {}
     results: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(mode="json"),
                                "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
+    pretrain_storage, pretrain_name = storage, "pretrain"
+    if pretrain_cache is not None:
+        pretrain_storage, pretrain_name = pretrain_cache, cfg.pretrain_hash()
     if "pretrain" in stages and cfg.pretrain.enabled:
-        with timed(timings, "pretrain"):
-            pretrained = run_pretrain(cfg, storage=storage, resume=resume)
-        results["pretrain"] = read_stage_record(storage, "pretrain")
+        with timed(seconds, "pretrain"), _cache_lock(pretrain_cache, pretrain_name):
+            if pretrain_cache is not None:
+                hit = read_stage_record(pretrain_storage, pretrain_name) is not None
+                print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} "
+                      f"{pretrain_name}", flush=True)
+                results["pretrain_cache_hit"] = hit
+            pretrained = run_pretrain(cfg, storage=pretrain_storage, name=pretrain_name,
+                                      resume=resume or pretrain_cache is not None)
+        results["pretrain"] = read_stage_record(pretrain_storage, pretrain_name)
+        check_finite("pretrain", results["pretrain"])
     if "finetune" in stages:
         if pretrained is None and cfg.pretrain.enabled:
-            record = read_stage_record(storage, "pretrain")
+            record = read_stage_record(pretrain_storage, pretrain_name)
             if record is None:
-                raise FileNotFoundError(f"no finished pre-training in {_join(storage, 'pretrain')}; run "
-                                        "`mimir pretrain` first or pass --pretrained CHECKPOINT")
-            pretrained = stage_checkpoint(storage, record)
-        with timed(timings, "finetune"):
-            finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume)
+                raise FileNotFoundError(f"no finished pre-training in {_join(pretrain_storage, pretrain_name)}; "
+                                        "run `mimir pretrain` first or pass --pretrained CHECKPOINT")
+            pretrained = stage_checkpoint(pretrain_storage, record)
+        with timed(seconds, "finetune"):
+            finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage,
+                                     resume=resume, callbacks=callbacks)
         results["finetune"] = read_stage_record(storage, "finetune")
+        check_finite("finetune", results["finetune"])
     if "evaluate" in stages:
         if finetuned is None:
             record = read_stage_record(storage, "finetune")
@@ -326,10 +369,43 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
                 raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
                                         "`mimir finetune` first or pass --checkpoint CHECKPOINT")
             finetuned = stage_checkpoint(storage, record)
-        with timed(timings, "evaluate"):
+        with timed(seconds, "evaluate"):
             evaluation = run_evaluate(cfg, finetuned)
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"])
-    results["seconds"] = timings
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["seconds"] = seconds
+    return results
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: str | None, key: str) -> Iterator[None]:
+    """A file lock per cached pre-training (local caches; nothing to lock without a cache)."""
+    if cache is None:
+        yield
+        return
+    import filelock
+
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(Path(cache) / f"{key}.lock")):
+        yield
+
+
+def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
+                 pretrained: ray.train.Checkpoint | None = None,
+                 finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
+    """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
+    ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
+    check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+                 finetuned_given=finetuned is not None)
+    init_ray()
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    try:
+        results = run_stages(cfg, stages, storage=storage_root(cfg), resume=resume, pretrained=pretrained,
+                             finetuned=finetuned)
+    except NonFiniteRun as err:
+        record_failure(out, cfg, err)
+        raise
+    write_json_atomically(out / "results.json", results)
     return results

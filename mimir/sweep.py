@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from mimir.config import ConfigError, EvalAttack, _format_errors, build_config, load_yaml
+from mimir.config import ConfigError, EvalAttack, Strict, build_config, flatten, format_errors, load_yaml, nest
 
 TRIALS = "trials"
 PRETRAIN_CACHE = "pretrain_cache"
-FAILED = "failed.json"  # a trial folder's record of why it failed
+FAILED = "failed.json"  # a trial folder's record of why it failed (runner.record_failure)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Row(_Strict):
+class Row(Strict):
     label: str
     set: dict[str, Any] = {}  # dotted config overrides that make this row's trial
     paper: dict[str, float | None] = {}  # the paper's reported numbers, by metric
 
 
-class Distribution(_Strict):
+class Distribution(Strict):
     grid: list[Any] | None = None
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
@@ -55,24 +50,24 @@ class Distribution(_Strict):
         return self
 
 
-class Objective(_Strict):
+class Objective(Strict):
     metric: EvalAttack = "pgd20"
     mode: Literal["max", "min"] = "max"
 
 
-class Scheduler(_Strict):
+class Scheduler(Strict):
     type: Literal["asha"] = "asha"
     grace_period: int = Field(1, ge=1)  # fine-tuning epochs before a trial may be stopped
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class Resources(_Strict):
+class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions pack several trials on one GPU
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str
     title: str = ""
     base: str  # run config, relative to the spec file
@@ -118,7 +113,7 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, str(path))) from None
+        raise ConfigError(format_errors(err, str(path))) from None
     base_path = (Path(path).parent / spec.base).resolve()
     base = load_yaml(base_path)
     load_spec_check(base, spec)
@@ -133,8 +128,7 @@ def trial_config(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], o
         items.update({"scaling.use_gpu": True, "scaling.gpus_per_worker": spec.resources.gpus_per_worker})
     if output_dir is not None:
         items["output_dir"] = output_dir
-    overrides = [f"{k}={json.dumps(v)}" for k, v in items.items()]
-    return build_config(base, overrides, source=f"sweep {spec.name} trial {point}")
+    return build_config(base, nest(items), source=f"sweep {spec.name} trial {point}")
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -173,52 +167,17 @@ def _decode_point(params: dict[str, Any]) -> dict[str, Any]:
     return point
 
 
-class NonFiniteRun(RuntimeError):
-    """A stage ended with a non-finite loss (or skipped most of its updates as non-finite)."""
-
-
 class TrialFailed(RuntimeError):
     """A trial that failed after its retry."""
 
 
-def _check_finite(stage: str, record: dict[str, Any] | None) -> None:
-    metrics = (record or {}).get("metrics", {})
-    loss, skipped = metrics.get("loss", 0.0), metrics.get("skipped", 0.0)
-    if not math.isfinite(loss) or skipped > 0.5:
-        raise NonFiniteRun(f"{stage} ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
-
-
 def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
-    """One trial's pipeline with the pre-training cache; returns its results."""
-    import filelock
-
+    """One trial: the pipeline of ``mimir run`` under the trial's folder, with the pre-training cache."""
     from mimir import runner
 
     trial_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "pretrain_hash": cfg.pretrain_hash()}
-    seconds: dict[str, float] = {}
-    pretrained = None
-    if cfg.pretrain.enabled:
-        cache = experiment / PRETRAIN_CACHE
-        cache.mkdir(parents=True, exist_ok=True)
-        key = cfg.pretrain_hash()
-        # one trial pre-trains, the others wait and reuse
-        with runner.timed(seconds, "pretrain"), filelock.FileLock(str(cache / f"{key}.lock")):
-            hit = runner.read_stage_record(str(cache), key) is not None
-            print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} {key}", flush=True)
-            pretrained = runner.run_pretrain(cfg, storage=str(cache), name=key, resume=True)
-        record = runner.read_stage_record(str(cache), key)
-        _check_finite("pretrain", record)
-        results.update(pretrain=record, pretrain_cache_hit=hit)
-    with runner.timed(seconds, "finetune"):
-        finetuned = runner.run_finetune(cfg, pretrained, storage=str(trial_dir), resume=True, callbacks=callbacks)
-    record = runner.read_stage_record(str(trial_dir), "finetune")
-    _check_finite("finetune", record)
-    with runner.timed(seconds, "evaluate"):
-        evaluation = runner.run_evaluate(cfg, finetuned)
-    results.update(finetune=record, accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
-                   attack_seconds=evaluation["seconds"], seconds=seconds)
-    return results
+    return runner.run_stages(cfg, storage=str(trial_dir), resume=True,
+                             pretrain_cache=str(experiment / PRETRAIN_CACHE), callbacks=callbacks)
 
 
 def _epoch_objective_callback() -> Any:
@@ -238,10 +197,12 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
     remedy), in ``trial_dir/retry_lr_div10``. Writes ``trial_dir/results.json``, whose ``retried``
     says whether the retry made them."""
+    from mimir.runner import NonFiniteRun, write_json_atomically
+
     try:
         results = run(cfg, experiment, trial_dir, callbacks)
     except NonFiniteRun as err:
-        stage = "pretrain" if str(err).startswith("pretrain") else "finetune"
+        stage = err.stage
         print(f"[sweep] {err}; retrying once with {stage} lr / 10", flush=True)
         settings = getattr(cfg, stage)
         retry_dir = trial_dir / "retry_lr_div10"
@@ -253,9 +214,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
             raise TrialFailed(f"{err}; the retry with {stage} lr / 10 failed too: {retry_err}") from retry_err
         results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
     results["trial_config_hash"] = cfg.config_hash()  # of the trial as asked for, before any retry
-    partial = trial_dir / "results.json.partial"  # renamed in place: never a half-written results.json
-    partial.write_text(json.dumps(results, indent=2))
-    partial.replace(trial_dir / "results.json")
+    write_json_atomically(trial_dir / "results.json", results)
     return results
 
 
@@ -269,19 +228,12 @@ def finished_results(cfg: Any, trial_dir: Path) -> dict[str, Any] | None:
     return results if results.get("trial_config_hash") == cfg.config_hash() else None
 
 
-def record_failure(trial_dir: Path, cfg: Any, err: BaseException) -> None:
-    """``failed.json`` beside where ``results.json`` would be: the trial's config and the reason."""
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    reason = f"{type(err).__name__}: {err}"
-    (trial_dir / FAILED).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "reason": reason}, indent=2))
-
-
 def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str) -> None:
     """The Tune trial: build the trial's config, run the pipeline (once more at lr / 10 on NaN), report.
     A failure is written to the trial's folder and raised, so Tune records the trial as errored."""
     from ray import tune
 
-    from mimir.runner import quiet_ray_data
+    from mimir.runner import quiet_ray_data, record_failure
 
     quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
@@ -321,7 +273,7 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
 
     spec, base = load_spec(spec_path)
     if overrides:
-        spec = spec.model_copy(update={"overrides": {**spec.overrides, **_flatten(parse_overrides(list(overrides)))}})
+        spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
         load_spec_check(base, spec)
     experiment = experiment_dir(spec, out)
     experiment.mkdir(parents=True, exist_ok=True)
@@ -364,16 +316,6 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
             print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
                   flush=True)
     return experiment
-
-
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:

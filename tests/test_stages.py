@@ -85,3 +85,27 @@ def test_resume_continues_only_an_unfinished_run_of_the_same_config(tmp_path):
     assert runner.check_stage("pretrain", cfg, storage, "pretrain", resume=True) is False  # runs on
     with pytest.raises(runner.StageExistsError, match=r"pretrain\.blr"):
         runner.check_stage("pretrain", _config(out, "pretrain.blr=0.01"), storage, "pretrain", resume=True)
+
+
+def test_a_diverged_stage_is_no_result():
+    runner.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.1}})
+    with pytest.raises(runner.NonFiniteRun, match="finetune ended with loss nan") as err:
+        runner.check_finite("finetune", {"metrics": {"loss": float("nan"), "skipped": 0.0}})
+    assert err.value.stage == "finetune"
+    with pytest.raises(runner.NonFiniteRun, match="60% of steps skipped"):
+        runner.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.6}})
+
+
+def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(runner, "init_ray", lambda: None)
+
+    def diverges(*args, **kwargs):
+        raise runner.NonFiniteRun("finetune", "ended with loss nan (100% of steps skipped as non-finite)")
+
+    monkeypatch.setattr(runner, "run_stages", diverges)
+    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}"]) == 1
+    assert "finetune.blr" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    failed = json.loads((out / "failed.json").read_text())
+    assert "loss nan" in failed["reason"] and failed["config"]["output_dir"] == str(out)

@@ -14,7 +14,8 @@ import pytest
 from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
-from mimir.sweep import (FAILED, NonFiniteRun, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
+from mimir.runner import NonFiniteRun
+from mimir.sweep import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
                          run_with_retry)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def _fake_run(outcomes):
 
 def test_a_nan_run_is_retried_once_at_a_tenth_of_the_lr(tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={tmp_path}"])
-    run, calls = _fake_run([NonFiniteRun("finetune ended with loss nan"), {"accuracy": {"pgd20": 50.0}}])
+    run, calls = _fake_run([NonFiniteRun("finetune", "ended with loss nan"), {"accuracy": {"pgd20": 50.0}}])
     results = run_with_retry(cfg, tmp_path, tmp_path, run=run)
     assert results["retried"] == {"reason": "finetune ended with loss nan", "stage": "finetune", "lr_divided_by": 10}
     retry_cfg, retry_dir = calls[1]
@@ -114,7 +115,7 @@ def test_a_nan_run_is_retried_once_at_a_tenth_of_the_lr(tmp_path):
     assert finished_results(cfg, tmp_path)["accuracy"] == {"pgd20": 50.0}
     assert finished_results(retry_cfg, tmp_path) is None and finished_results(cfg, tmp_path / "none") is None
 
-    run, calls = _fake_run([NonFiniteRun("pretrain ended with loss inf"), NonFiniteRun("pretrain ended with loss nan")])
+    run, calls = _fake_run([NonFiniteRun("pretrain", "ended with loss inf"), NonFiniteRun("pretrain", "ended with loss nan")])
     with pytest.raises(TrialFailed, match="loss inf; the retry with pretrain lr / 10 failed too"):
         run_with_retry(cfg, tmp_path, tmp_path / "b", run=run)
     assert calls[1][0].pretrain.blr == pytest.approx(cfg.pretrain.blr / 10) and len(calls) == 2
