@@ -298,7 +298,10 @@ class NonFiniteRun(RuntimeError):
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage} {message}")
-        self.stage = stage
+        self.stage, self.message = stage, message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray and copy rebuild exceptions from their arguments
+        return type(self), (self.stage, self.message)
 
 
 def check_finite(stage: str, record: dict[str, Any] | None) -> None:

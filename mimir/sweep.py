@@ -199,6 +199,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     says whether the retry made them."""
     from mimir.runner import NonFiniteRun, write_json_atomically
 
+    trial_dir.mkdir(parents=True, exist_ok=True)
     try:
         results = run(cfg, experiment, trial_dir, callbacks)
     except NonFiniteRun as err:
@@ -228,8 +229,12 @@ def finished_results(cfg: Any, trial_dir: Path) -> dict[str, Any] | None:
     return results if results.get("trial_config_hash") == cfg.config_hash() else None
 
 
-def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str) -> None:
-    """The Tune trial: build the trial's config, run the pipeline (once more at lr / 10 on NaN), report.
+TrialRunner = Callable[..., dict[str, Any]]
+
+
+def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
+               run: TrialRunner = run_trial) -> None:
+    """The Tune trial: build the trial's config, ``run`` it (once more at lr / 10 on NaN), report.
     A failure is written to the trial's folder and raised, so Tune records the trial as errored."""
     from ray import tune
 
@@ -246,7 +251,7 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
               flush=True)
     else:
         try:
-            results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()])
+            results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()], run=run)
         except Exception as err:
             record_failure(trial_dir, cfg, err)
             raise
@@ -260,8 +265,11 @@ def experiment_dir(spec: SweepSpec, out: str | None) -> Path:
 
 
 def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None,
-              storage_url: str | None = None, resume: bool = False) -> Path:
-    """Run (or continue) the sweep; returns the experiment folder. Failed trials do not stop it."""
+              storage_url: str | None = None, resume: bool = False, run: TrialRunner = run_trial) -> Path:
+    """Run (or continue) the sweep; returns the experiment folder. Failed trials do not stop it.
+
+    ``run`` is the trial hook: what one trial does with its config (default: the real pipeline).
+    Tests replace it to exercise Tune, Optuna, failures and resume without training."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -281,7 +289,8 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
                                                       "spec_path": str(Path(spec_path).resolve())}, indent=2))
     init_ray()
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment)),
+        tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment),
+                             run=run),
         # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
         {"cpu": 0, "memory": 256 * 1024**2})
     tune_dir = experiment / "tune"

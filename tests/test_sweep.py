@@ -1,4 +1,5 @@
-"""Sweeps: spec validation, a real 4-trial Tune + Optuna sweep, the pre-training cache, resume, tables."""
+"""Sweeps: spec validation, Tune + Optuna wiring through the trial hook (failures, retries, resume),
+one real sweep that trains and shares a pre-training, tables."""
 
 import json
 import os
@@ -126,42 +127,42 @@ def test_a_nan_run_is_retried_once_at_a_tenth_of_the_lr(tmp_path):
     assert len(calls) == 1
 
 
-def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, data_root, tmp_path):
+@pytest.fixture
+def fake_trial():
+    """The trial hook's stand-in, shipped to Tune's actors by value."""
+    import ray.cloudpickle
+
+    import sweep_fakes
+
+    ray.cloudpickle.register_pickle_by_value(sweep_fakes)
+    return sweep_fakes.fake_trial
+
+
+def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, tmp_path, fake_trial):
     spec_path = _spec(tmp_path, (
-        "overrides: {pretrain.enabled: false, finetune.epochs: 1, finetune.warmup_epochs: 0, finetune.attack.steps: 1,\n"
-        "            evaluate.num_images: 32, evaluate.attacks: [natural]}\n"
+        "overrides: {pretrain.enabled: false, evaluate.attacks: [natural]}\n"
         "columns: [natural]\nobjective: {metric: natural}\n"
         "rows:\n"
         "  - {label: missing data, set: {data.dataset: no-such-dataset}}\n"
         "  - {label: diverges, set: {finetune.blr: 1.0e+9}}\n"
         "  - {label: fine, set: {finetune.blr: 1.0e-3}}\n"))
-    experiment = run_sweep(spec_path, [f"data.root={data_root}"], out=str(tmp_path / "exp"))
+    experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
     failures = {json.loads(p.read_text())["config"]["data"]["dataset"]: json.loads(p.read_text())["reason"]
                 for p in (experiment / "trials").glob(f"*/{FAILED}")}
     assert len(failures) == 2
     assert "no-such-dataset" in failures["no-such-dataset"]
     assert "retry with finetune lr / 10 failed too" in failures["digits"]  # 1e9 and 1e8 both diverge
-    assert len(list((experiment / "trials").glob("*/retry_lr_div10"))) == 1
     assert len(list((experiment / "trials").glob("*/results.json"))) == 1  # the sweep went on
     spec, _ = load_spec(spec_path)
     markdown = write_reports(spec, experiment)
     assert "1 of 3 rows finished, 2 failed" in markdown and "| diverges | failed |" in markdown
 
 
-def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_root, tmp_path):
-    overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
-                 "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
-                 "evaluate.attacks=[natural, pgd20]"]
-    spec_path = _spec(tmp_path, (
-        "resources: {num_workers: 1, cpus_per_worker: 1}\n"
-        "space: {pretrain.mi.weight: {grid: [1.0e-5, 0.0]}, finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n"))
-    experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
+def test_a_grid_sweep_records_every_trial_in_tune_and_optuna_and_resumes(ray_local, tmp_path, fake_trial):
+    spec_path = _spec(tmp_path, "space: {pretrain.mi.weight: {grid: [1.0e-5, 0.0]}, finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n")
+    experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 4
-    # two pre-training configs, each pre-trained once and reused by the trial that differs in fine-tuning
-    assert len(list((experiment / "pretrain_cache").glob("*/mimir_stage.json"))) == 2
-    assert sorted(r["pretrain_cache_hit"] for r in results) == [False, False, True, True]
-    assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
     # the Optuna study holds the same four trials as Tune, with the same parameters and values
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -173,38 +174,64 @@ def test_a_four_trial_sweep_runs_caches_pretraining_and_resumes(ray_local, data_
     assert ours == theirs
     # --resume on a finished sweep reruns nothing
     stamps = {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")}
-    run_sweep(spec_path, overrides, out=str(tmp_path / "exp"), resume=True)
+    run_sweep(spec_path, out=str(tmp_path / "exp"), resume=True, run=fake_trial)
     assert {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")} == stamps
     assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
     spec, _ = load_spec(spec_path)
     rows = table_rows(spec, [json.loads(p.read_text()) for p in stamps])
     assert all(r["ours"] for r in rows) and "4 of 4 rows finished" in markdown_table(spec, rows)
     with pytest.raises(ConfigError, match="--resume"):
-        run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
+        run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
 
 
-def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_local, data_root, tmp_path):
+def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path):
+    """The one sweep that really trains: two trials that differ in fine-tuning share a pre-training."""
+    overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
+                 "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
+                 "evaluate.attacks=[natural, pgd20]"]
     spec_path = _spec(tmp_path, (
-        "overrides: {pretrain.enabled: false, finetune.epochs: 1, finetune.warmup_epochs: 0, finetune.attack.steps: 1,\n"
-        "            evaluate.num_images: 32, evaluate.attacks: [natural]}\n"
+        "resources: {num_workers: 1, cpus_per_worker: 1}\n"
+        "space: {finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n"))
+    experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
+    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    assert len(results) == 2
+    assert len(list((experiment / "pretrain_cache").glob("*/mimir_stage.json"))) == 1
+    assert sorted(r["pretrain_cache_hit"] for r in results) == [False, True]
+    assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
+    assert all(0 <= r["accuracy"]["pgd20"] <= r["accuracy"]["natural"] <= 100 for r in results)
+    assert all(r["pretrain"]["metrics"]["mi_share"] > 0 for r in results)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_local, tmp_path, fake_trial):
+    spec_path = _spec(tmp_path, (
+        "overrides: {pretrain.enabled: false, evaluate.attacks: [natural]}\n"
         "columns: [natural]\nobjective: {metric: natural}\n"
         "space: {finetune.blr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}}\n"))
     out = tmp_path / "exp"
-    # `mimir sweep` as its own driver on this test's Ray, stopped with Ctrl-C after its first trial
+    # a sweep driver of its own on this test's Ray, stopped with Ctrl-C after its first trial
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import ray.cloudpickle, sweep_fakes\n"
+        "ray.cloudpickle.register_pickle_by_value(sweep_fakes)\n"
+        "from mimir.sweep import run_sweep\n"
+        f"run_sweep({str(spec_path)!r}, out={str(out)!r}, run=sweep_fakes.fake_trial)\n")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    sweep = subprocess.Popen([str(Path(sys.executable).parent / "mimir"), "sweep", str(spec_path),
-                              f"data.root={data_root}", "--out", str(out)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not list(out.glob("trials/*/results.json")):
         assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[0][-3000:]
-        time.sleep(1)
+        time.sleep(0.2)
     sweep.send_signal(signal.SIGINT)
     log = sweep.communicate(timeout=180)[0]
     done = {p: p.stat().st_mtime for p in out.glob("trials/*/results.json")}
     assert 1 <= len(done) < 3, log[-3000:]
 
-    run_sweep(spec_path, [f"data.root={data_root}"], out=str(out), resume=True)
+    run_sweep(spec_path, out=str(out), resume=True, run=fake_trial)
     results = {p: json.loads(p.read_text()) for p in out.glob("trials/*/results.json")}
     assert len(results) == 3  # none lost
     assert {p: p.stat().st_mtime for p in done} == done  # finished trials were not rerun

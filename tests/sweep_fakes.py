@@ -1,0 +1,22 @@
+"""A stand-in trial runner for the sweep tests: Tune, Optuna, failures, retries and resume, without
+training. Registered with Ray's cloudpickle by value, so Tune's trial actors need not import it."""
+
+import time
+
+from mimir.data.convert import DatasetError
+from mimir.runner import NonFiniteRun
+
+SECONDS_PER_TRIAL = 2.0  # long enough for an interrupt to land between two trials
+
+
+def fake_trial(cfg, experiment, trial_dir, callbacks=()):
+    """Fail like the real pipeline on a missing dataset or a diverging lr; otherwise an accuracy
+    that is a fixed function of the config."""
+    if cfg.data.dataset == "no-such-dataset":
+        raise DatasetError("dataset 'no-such-dataset' not found")
+    if cfg.finetune.blr > 1e5:
+        raise NonFiniteRun("finetune", "ended with loss nan (100% of steps skipped as non-finite)")
+    time.sleep(SECONDS_PER_TRIAL)
+    score = 50.0 + 1000.0 * cfg.finetune.blr + 1e5 * cfg.pretrain.mi.weight
+    return {"config": cfg.model_dump(mode="json"), "accuracy": {m: score for m in cfg.evaluate.attacks},
+            "num_images": 32, "seconds": {"finetune": SECONDS_PER_TRIAL}}
