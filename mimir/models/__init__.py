@@ -22,24 +22,10 @@ def create_encoder(arch: str, img_size: int, patch_size: int, num_classes: int =
                    num_heads: int | None = None, in_chans: int = 3, global_pool: str = "token") -> nn.Module:
     """``timm.create_model`` of the architecture at this image and patch size (random init)."""
     spec = ARCHITECTURES[arch]
-    kwargs: dict[str, Any] = dict(spec.timm_kwargs, img_size=img_size, patch_size=patch_size,
-                                  num_classes=num_classes, drop_path_rate=drop_path, in_chans=in_chans,
-                                  global_pool=global_pool)
-    if num_heads is not None:
-        kwargs["num_heads"] = num_heads
-    if depth is not None:
-        kwargs["depth"] = depth
-        if spec.family == "convit":  # the class token joins after the GPSA layers; keep 2 MHSA layers
-            kwargs["local_up_to_layer"] = max(depth - 2, 1)
-    if embed_dim is not None:
-        if spec.family == "convit":  # timm's ConViT takes the width per head
-            heads = num_heads or timm.create_model(spec.timm_name, pretrained=False).num_heads
-            if embed_dim % heads:
-                raise ValueError(f"model.embed_dim {embed_dim} is not divisible by {heads} heads")
-            kwargs["embed_dim"] = embed_dim // heads
-        else:
-            kwargs["embed_dim"] = embed_dim
-    return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    sizes = spec.family.timm_kwargs(spec.default_heads, embed_dim, depth, num_heads)
+    return timm.create_model(spec.timm_name, pretrained=False, img_size=img_size, patch_size=patch_size,
+                             num_classes=num_classes, drop_path_rate=drop_path, in_chans=in_chans,
+                             global_pool=global_pool, **sizes)
 
 
 def _model_kwargs(cfg: Any) -> dict[str, Any]:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 from functools import partial
 
-import math
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from mimir.models.registry import Family, cell_size
+from mimir.models.registry import FamilyAdapter, cell_size
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -104,14 +102,10 @@ def keep_to_mask(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     return mask.scatter(1, keep, 0.0)
 
 
-def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
 class MaskedAutoencoder(nn.Module):
     """MAE over a timm encoder. ``forward(images, keep)`` -> (per-patch prediction, latent z)."""
 
-    def __init__(self, encoder: nn.Module, *, family: Family, img_size: int, patch_size: int,
+    def __init__(self, encoder: nn.Module, *, family: FamilyAdapter, img_size: int, patch_size: int,
                  mask_ratio: float, mean: tuple[float, ...], std: tuple[float, ...],
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_pix_loss: bool = True, in_chans: int = 3,
@@ -123,18 +117,18 @@ class MaskedAutoencoder(nn.Module):
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
         self.mask_ratio = mask_ratio
-        self.cell = cell_size(mask_ratio) if family != "vit" and mask_sampling == "grid" else None
+        self.cell = cell_size(mask_ratio) if family.reads_grid and mask_sampling == "grid" else None
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
         width = encoder.embed_dim
-        if family in ("vit", "convit"):
+        if family.sincos_pos_embed:
             # MAE's fixed sin-cos embedding; it is a timm parameter, so it is loaded (and may train)
             # in the fine-tuning classifier.
             with torch.no_grad():
-                encoder.pos_embed.copy_(sincos_pos_embed(width, self.grid, cls_token=family == "vit"))
+                encoder.pos_embed.copy_(sincos_pos_embed(width, self.grid, cls_token=family.pos_embed_has_cls))
             encoder.pos_embed.requires_grad_(False)
 
         self.decoder_embed = nn.Linear(width, decoder_dim)
@@ -181,34 +175,8 @@ class MaskedAutoencoder(nn.Module):
 
     def encode(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Latent z of the visible patches: (B, 1 + L_keep, D), class token first."""
-        x = self.normalize(images)
-        enc = self.encoder
-        if self.family == "vit":
-            tokens = enc.patch_embed(x) + enc.pos_embed[:, 1:]
-            tokens = gather_tokens(tokens, keep)
-            cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-            z = enc.norm_pre(enc.pos_drop(torch.cat([cls, tokens], dim=1)))
-            for blk in enc.blocks:
-                z = blk(z)
-        elif self.family == "convit":
-            z = enc.pos_drop(gather_tokens(enc.patch_embed(x) + enc.pos_embed, keep))
-            for i, blk in enumerate(enc.blocks):
-                if i == enc.local_up_to_layer:
-                    z = torch.cat([enc.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
-                z = blk(z)
-        else:  # xcit
-            tokens, (hp, wp) = enc.patch_embed(x)
-            if enc.pos_embed is not None:
-                pos = enc.pos_embed(tokens.shape[0], hp, wp).reshape(tokens.shape[0], -1, tokens.shape[1])
-                tokens = tokens + pos.permute(0, 2, 1)
-            z = enc.pos_drop(gather_tokens(tokens, keep))
-            side = math.isqrt(keep.shape[1])
-            for blk in enc.blocks:
-                z = blk(z, side, side)
-            z = torch.cat([enc.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
-            for blk in enc.cls_attn_blocks:
-                z = blk(z)
-        return enc.norm(z)
+        z = self.family.encode_visible(self.encoder, self.normalize(images), keep)
+        return self.encoder.norm(z)
 
     def decode(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Predicted pixels of every patch, (B, L, p*p*C), from the latent of the visible ones."""
