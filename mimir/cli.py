@@ -56,7 +56,8 @@ def _checkpoint(path: str) -> Any:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from mimir.data.convert import default_data_dir, prepare_dataset
+    from mimir.data.format import default_data_dir
+    from mimir.data.sources import prepare_dataset
 
     out = Path(args.out) if args.out else default_data_dir()
     path = prepare_dataset(args.name, args.source, out, download=args.download, overwrite=args.overwrite,
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimir.data.convert import DatasetError
+    from mimir.data.format import DatasetError
     from mimir.runner import NonFiniteRun, StageExistsError
 
     args = build_parser().parse_args(argv)

@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> None:
 
 def first_batch(cfg: RunConfig) -> torch.Tensor:
     """The first per-worker pre-training batch of the training split, in stored order, as [0, 1] images."""
-    from mimir.data.convert import load_manifest
+    from mimir.data.format import load_manifest
     from mimir.data.pipeline import eval_transform, resolve_dataset, split_files
 
     dataset_dir = resolve_dataset(cfg.data)

@@ -29,7 +29,7 @@ import torch
 from mimir.config import RunConfig, config_changes
 from mimir.data.pipeline import (eval_dataset, num_train_rows, resolve_dataset, train_dataset)
 from mimir.evaluate import evaluate_classifier, load_classifier
-from mimir.data.convert import load_manifest
+from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
 FAILED = "failed.json"  # where a run's results would be: why it has none

@@ -3,7 +3,7 @@ training. Registered with Ray's cloudpickle by value, so Tune's trial actors nee
 
 import time
 
-from mimir.data.convert import DatasetError
+from mimir.data.format import DatasetError
 from mimir.runner import NonFiniteRun
 
 SECONDS_PER_TRIAL = 2.0  # long enough for an interrupt to land between two trials

@@ -20,8 +20,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from mimir.config import DataConfig
-from mimir.data.convert import DatasetError, default_data_dir, load_manifest
-from mimir.data.digits import ensure_digits
+from mimir.data.format import DatasetError, default_data_dir, load_manifest
+from mimir.data.sources.digits import ensure_digits
 
 Batch = dict[str, np.ndarray]
 

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from mimir.data.convert import DatasetError, DatasetSpec, default_data_dir, load_manifest, prepare_dataset
+from mimir.data.format import DatasetError, DatasetSpec, default_data_dir, is_prepared, write_dataset
 
 DIGITS_SHAPE = (16, 16, 3)
 DIGITS_CLASSES = [str(i) for i in range(10)]
@@ -45,13 +45,13 @@ def ensure_digits(cache_dir: str | Path | None = None) -> Path:
     """
     root = Path(cache_dir) if cache_dir is not None else default_data_dir()
     target = root / "digits"
-    if _is_prepared(target):
+    if is_prepared(target):
         return target
     try:
-        return prepare_dataset("digits", None, root)
+        return write_dataset(digits_spec(), target, source=DIGITS_SOURCE)
     except DatasetError:
         # Losing a race to another process is fine: its copy is identical to ours.
-        if _is_prepared(target):
+        if is_prepared(target):
             return target
         raise
 
@@ -66,10 +66,3 @@ def _to_rgb16(images: np.ndarray) -> np.ndarray:
     ])
     return np.repeat(upsampled[..., None], DIGITS_SHAPE[2], axis=-1)
 
-
-def _is_prepared(dataset_dir: Path) -> bool:
-    try:
-        load_manifest(dataset_dir)
-    except DatasetError:
-        return False
-    return True

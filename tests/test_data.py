@@ -1,4 +1,4 @@
-"""Dataset converters: real round trips through small fixture datasets built in tmp_path."""
+"""Dataset sources and the prepared format: real round trips through small fixture datasets built in tmp_path."""
 
 from __future__ import annotations
 
@@ -14,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mimir.data import convert
-from mimir.data.convert import (
-    DATASETS,
-    DatasetError,
-    load_manifest,
-    prepare_dataset,
-    read_split_arrays,
-    verify_dataset,
-)
-from mimir.data.digits import digits_arrays, ensure_digits
+from mimir.data.format import DatasetError, load_manifest, read_split_arrays, verify_dataset
+from mimir.data.sources import DATASETS, prepare_dataset
+from mimir.data.sources import cifar10
+from mimir.data.sources.digits import digits_arrays, ensure_digits
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_PER_BATCH = 4
@@ -185,9 +179,9 @@ def test_cifar_download_uses_urllib(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         requested.append(url)
         return open(archive, "rb")
 
-    monkeypatch.setattr(convert.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(cifar10.urllib.request, "urlopen", fake_urlopen)
     dataset = prepare_dataset("cifar10", None, tmp_path / "out", download=True)
-    assert requested == [convert.CIFAR10_URL]
+    assert requested == [cifar10.CIFAR10_URL]
     assert (tmp_path / "out" / "cifar-10-python.tar.gz").read_bytes() == archive.read_bytes()
     check_cifar(dataset, batches)
     # The archive is reused rather than fetched again.
@@ -197,9 +191,9 @@ def test_cifar_download_uses_urllib(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_cifar_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(url: str, timeout: float) -> None:
-        raise convert.urllib.error.URLError("no network")
+        raise cifar10.urllib.error.URLError("no network")
 
-    monkeypatch.setattr(convert.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(cifar10.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetError, match="no network") as info:
         prepare_dataset("cifar10", tmp_path / "downloads", tmp_path / "out", download=True)
     assert str(tmp_path / "downloads" / "cifar-10-python.tar.gz") in str(info.value)
