@@ -17,8 +17,6 @@ in-memory tensors, and reports the per-epoch time ratio as ``ray_overhead``.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -38,6 +36,7 @@ import torch.nn as nn
 
 from mimir.attacks import reconstruction_attack
 from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse_overrides
+from mimir.memory import PeakRSS
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
@@ -209,22 +208,6 @@ def _attack_probe(cfg: RunConfig, images: torch.Tensor, device: torch.device) ->
     return _Timed(lambda: reconstruction_attack(mae, images, keep, attack.eps, attack.step_size, attack.steps), [])
 
 
-def _malloc_trim() -> None:
-    """Return freed heap pages to the OS (glibc only), so the RSS before a step holds no freed cache."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 def memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
         step = ("torch.cuda.max_memory_allocated over one step (reset per method) minus the allocation "
@@ -246,15 +229,9 @@ def _step_memory_mb(step: Callable[[], Any], device: torch.device) -> float | No
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current RSS
-        before = _proc_status_kb("VmRSS")
-        step()
-        return (_proc_status_kb("VmHWM") - before) / 1024
-    except OSError:
-        return None
+    peak = PeakRSS()
+    step()
+    return peak.grown_mb()
 
 
 def _summary(seconds: list[float]) -> dict[str, Any]:

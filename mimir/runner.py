@@ -28,7 +28,8 @@ import torch
 
 from mimir.config import RunConfig, config_changes
 from mimir.data.pipeline import (eval_dataset, num_train_rows, resolve_dataset, train_dataset)
-from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.evaluate import evaluate_batches, load_classifier
+from mimir.memory import PrivateMemoryPeak
 from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
@@ -249,18 +250,23 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
     quiet_ray_data()
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    ds = eval_dataset(resolve_dataset(cfg.data), cfg.data, cfg.evaluate.num_images)
-    images, labels = [], []
-    for batch in ds.iter_torch_batches(batch_size=1024):
-        images.append(batch["image"].float().div_(255))
-        labels.append(batch["label"])
+    memory = PrivateMemoryPeak()
     with checkpoint.as_directory() as directory:
         model = load_classifier(directory, cfg, device)
-    return evaluate_classifier(model, torch.cat(images), torch.cat(labels), cfg)
+    ds = eval_dataset(resolve_dataset(cfg.data), cfg.data, cfg.evaluate.num_images)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in ds.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
+            yield batch["image"].float().div_(255), batch["label"]
+            memory.sample()  # after the batch's attacks ran
+
+    result = evaluate_batches(model, batches(), cfg)
+    result["private_memory_mb"] = memory.grown_mb()
+    return result
 
 
 def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """Evaluation as a Ray task (on a GPU when the config asks for one)."""
+    """Evaluation as a Ray task (on a GPU when the config asks for one), streaming the test split."""
     s = cfg.scaling
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -268,8 +274,6 @@ def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, 
     task = ray.remote(_evaluate_task).options(
         num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    # preserve_order keeps the test images in stored order, so "the first N" is well defined
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
 
 

@@ -141,3 +141,35 @@ def test_resume_after_interruption_reaches_the_same_final_epoch(ray_local, data_
     with checkpoint.as_directory() as directory:
         assert load_state(directory)["epoch"] == epochs - 1
     assert runner.read_stage_record(str(tmp_path), "pretrain")["metrics"]["epoch"] == epochs - 1
+
+
+def test_evaluation_streams_a_large_test_split_in_stored_order(ray_local, tmp_path):
+    """6,000 test images of 3x64x64 are 295 MB as one float tensor (and twice that concatenated); the
+    evaluation task must stay far below by holding one batch at a time."""
+    import numpy as np
+    import ray
+
+    from mimir.data.format import DatasetSpec, write_dataset
+    from mimir.models import build_classifier
+    from mimir.train.checkpoint import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    n_test = 6000
+    spec = DatasetSpec.from_arrays([str(i) for i in range(10)], {
+        "train": (rng.integers(0, 255, (20, 64, 64, 3), dtype=np.uint8), np.arange(20) % 10),
+        "test": (rng.integers(0, 255, (n_test, 64, 64, 3), dtype=np.uint8), (np.arange(n_test) * 7) % 10)})
+    dataset = write_dataset(spec, tmp_path / "big", source="synthetic", rows_per_shard=1000)
+    cfg = load_config(QUICKSTART, [f"data.dataset={dataset}", "data.img_size=64", "model.patch_size=16",
+                                   "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                                   "evaluate.attacks=[natural]", "evaluate.batch_size=64"])
+    checkpoint = tmp_path / "finetuned"
+    save_checkpoint(checkpoint, build_classifier(cfg, 10), {"num_classes": 10, "epoch": 0})
+    result = runner.run_evaluate(cfg, ray.train.Checkpoint(str(checkpoint)))
+    assert result["num_images"] == n_test
+    # private memory (Ray's shared object store pages a worker touches are not the task's own)
+    assert result["private_memory_mb"] is not None and result["private_memory_mb"] < 150, result["private_memory_mb"]
+    # "the first N" are the stored first N in every run, and the process's own Ray Data context is untouched
+    for _ in range(2):
+        first = eval_dataset(dataset, cfg.data, num_images=50).take_batch(50)
+        assert first["label"].tolist() == [(i * 7) % 10 for i in range(50)]
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order

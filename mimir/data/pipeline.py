@@ -157,6 +157,9 @@ def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = N
     """The test split, decoded and resized, in stored order (the first ``num_images`` when given)."""
     manifest = load_manifest(dataset_dir)
     ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
+    # in stored order, so "the first N" is the same N every run: set on this dataset's own context
+    # (its derived datasets share it), never the process's, which later datasets would inherit
+    ds.context.execution_options.preserve_order = True
     if num_images is not None:
         ds = ds.limit(num_images)
     return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size))

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-def create_encoder(arch: str, img_size: int, patch_size: int, num_classes: int = 0,
+def create_encoder(arch: str, *, img_size: int, patch_size: int, num_classes: int = 0,
                    drop_path: float = 0.0, embed_dim: int | None = None, depth: int | None = None,
                    num_heads: int | None = None, in_chans: int = 3, global_pool: str = "token") -> nn.Module:
     """``timm.create_model`` of the architecture at this image and patch size (random init)."""
