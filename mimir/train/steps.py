@@ -132,6 +132,18 @@ def pretrain_adversary(mae: nn.Module, images: torch.Tensor, keep: torch.Tensor,
                                              target_adversarial=cfg.attack_target == "adversarial")
 
 
+def _pretrain_forward(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig,
+                      precision: Precision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask, attack and forward of a pre-training step: (x + delta, latent z, masked MSE to clean x)."""
+    mae = unwrap(model)
+    keep = mae.sample_keep(images.shape[0], images.device)
+    adv = pretrain_adversary(mae, images, keep, cfg, precision)
+    with precision.autocast():
+        pred, latent = model(adv, keep)
+        mse = mae.reconstruction_loss(pred, images, keep)
+    return adv, latent, mse
+
+
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                   cfg: PretrainConfig, precision: Precision, penalty: MIPenalty | None) -> dict[str, torch.Tensor]:
     """One step of Algorithm 1 with Eq. 8: attack, reconstruct the clean image, add lambda * I.
@@ -139,12 +151,7 @@ def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
     ``attack.steps == 0`` is MAE; ``penalty is None`` is Adv-MAE. Metrics: ``loss``, ``mse``,
     ``mi`` (the estimate I), ``mi_term`` (lambda * I, what the loss adds) and ``skipped``.
     """
-    mae = unwrap(model)
-    keep = mae.sample_keep(images.shape[0], images.device)
-    adv = pretrain_adversary(mae, images, keep, cfg, precision)
-    with precision.autocast():
-        pred, latent = model(adv, keep)
-        mse = mae.reconstruction_loss(pred, images, keep)
+    adv, latent, mse = _pretrain_forward(model, images, cfg, precision)
     zero = torch.zeros((), device=images.device)
     mi = penalty.mi(images, adv, latent) if penalty else zero
     term = penalty.weight * mi if penalty else zero
@@ -170,11 +177,7 @@ def mi_gradient_share(model: nn.Module, images: torch.Tensor, cfg: PretrainConfi
     negligible next to the MSE while its gradient is not, and the other way round).
     """
     mae = unwrap(model)
-    keep = mae.sample_keep(images.shape[0], images.device)
-    adv = pretrain_adversary(mae, images, keep, cfg, precision)
-    with precision.autocast():
-        pred, latent = mae(adv, keep)
-        mse = mae.reconstruction_loss(pred, images, keep)
+    adv, latent, mse = _pretrain_forward(mae, images, cfg, precision)  # the bare module: no DDP sync
     mi = penalty.mi(images, adv, latent)
     params = [p for p in mae.encoder.parameters() if p.requires_grad]
     share = _grad_norm(penalty.weight * mi, params, retain=True) / _grad_norm(mse, params, retain=False)
