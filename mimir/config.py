@@ -58,6 +58,9 @@ class DataConfig(Strict):
     # keep the training split's raw rows in Ray's object store, so later epochs skip listing and
     # reading the files; None: when the split takes at most a quarter of the object store
     cache_in_memory: bool | None = None
+    # rows in each worker's local shuffle buffer (0: none). Rows arrive in blocks of a few files'
+    # worth; the buffer mixes them across blocks. Costs shuffle_buffer decoded images of memory
+    shuffle_buffer: int = Field(4096, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

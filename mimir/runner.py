@@ -224,7 +224,7 @@ def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pre
     steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
     return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
                 {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps},
-                lambda: train_dataset(dataset_dir, cfg.data, finetune=False), resume, callbacks)
+                lambda: train_dataset(dataset_dir, cfg.data, finetune=False, seed=cfg.seed), resume, callbacks)
 
 
 def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
@@ -240,7 +240,7 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
     loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
                    "num_classes": manifest["num_classes"], "pretrained": pretrained}
     return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config,
-                lambda: train_dataset(dataset_dir, cfg.data, finetune=True, generated_dir=generated,
+                lambda: train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, generated_dir=generated,
                                       batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers),
                 resume, callbacks)
 

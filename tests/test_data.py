@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mimir.data.format import DatasetError, load_manifest, read_split_arrays, verify_dataset
+from mimir.data.format import DatasetError, load_manifest, read_split_arrays, stored_order, verify_dataset
 from mimir.data.sources import DATASETS, prepare_dataset
 from mimir.data.sources import cifar10
 from mimir.data.sources.digits import digits_arrays, ensure_digits
@@ -141,13 +141,16 @@ def check_cifar(dataset: Path, batches: dict[str, tuple[np.ndarray, list[int]]])
     assert train_x.shape == (5 * CIFAR_PER_BATCH, 32, 32, 3) and test_x.shape == (CIFAR_PER_BATCH, 32, 32, 3)
     data = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
     labels = sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    np.testing.assert_array_equal(train_x, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(train_y, labels)
-    np.testing.assert_array_equal(test_y, batches["test_batch"][1])
-    # One known pixel: row 3 of test, y=5, x=7; the batch stores R, G, B planes of 1024 values.
+    # rows are stored in the seeded order: stored row i is source row stored_order(n)[i]
+    train_order, test_order = stored_order(len(labels)), stored_order(CIFAR_PER_BATCH)
+    np.testing.assert_array_equal(train_x, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)[train_order])
+    np.testing.assert_array_equal(train_y, np.array(labels)[train_order])
+    np.testing.assert_array_equal(test_y, np.array(batches["test_batch"][1])[test_order])
+    # One known pixel: source row 3 of test, y=5, x=7; the batch stores R, G, B planes of 1024 values.
     test_data = batches["test_batch"][0]
+    stored = int(np.flatnonzero(test_order == 3)[0])
     for c in range(3):
-        assert test_x[3, 5, 7, c] == test_data[3, c * 1024 + 5 * 32 + 7]
+        assert test_x[stored, 5, 7, c] == test_data[3, c * 1024 + 5 * 32 + 7]
 
 
 def test_cifar_folder_round_trip(tmp_path: Path) -> None:
@@ -239,14 +242,16 @@ def test_tiny_imagenet_round_trip(tmp_path: Path) -> None:
     train_x, train_y = read_split_arrays(dataset, "train")
     test_x, test_y = read_split_arrays(dataset, "test")
     assert train_x.shape == (6, 64, 64, 3) and test_x.shape == (3, 64, 64, 3)
-    assert train_y.tolist() == [0, 0, 1, 1, 2, 2]
-    assert test_y.tolist() == [2, 0, 1]  # annotation order
+    train_order, test_order = stored_order(6), stored_order(3)
+    assert train_y.tolist() == [[0, 0, 1, 1, 2, 2][i] for i in train_order]
+    assert test_y.tolist() == [[2, 0, 1][i] for i in test_order]  # annotation order, then stored order
     train_keys = sorted(k for k in originals if k.startswith("train/"))
     val_keys = [f"val/val_{i}.JPEG" for i in range(3)]
-    for stored, key in zip([*train_x, *test_x], train_keys + val_keys):
+    keys = [train_keys[i] for i in train_order] + [val_keys[i] for i in test_order]
+    for stored, key in zip([*train_x, *test_x], keys):
         # JPEG is lossy: compare closely, not exactly.
         assert np.abs(stored.astype(int) - originals[key].astype(int)).mean() < 2, key
-    gray = train_x[2]  # n01629819_0, saved as single-channel JPEG
+    gray = train_x[int(np.flatnonzero(train_order == 2)[0])]  # n01629819_0, saved as single-channel JPEG
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
 
@@ -285,10 +290,11 @@ def test_imagenet_stores_file_bytes_unchanged(tmp_path: Path) -> None:
     assert manifest["encoding"] == "encoded" and manifest["image_shape"] is None
     assert manifest["classes"] == ["n01", "n02", "n03"]
     verify_dataset(dataset)
-    assert shard_column(dataset, "train", "image") == files["train"]
-    assert shard_column(dataset, "train", "label") == [0, 0, 1, 1, 2]
-    assert shard_column(dataset, "test", "image") == files["test"]
-    assert shard_column(dataset, "test", "label") == [0, 2]
+    train_order, test_order = stored_order(5), stored_order(2)
+    assert shard_column(dataset, "train", "image") == [files["train"][i] for i in train_order]
+    assert shard_column(dataset, "train", "label") == [[0, 0, 1, 1, 2][i] for i in train_order]
+    assert shard_column(dataset, "test", "image") == [files["test"][i] for i in test_order]
+    assert shard_column(dataset, "test", "label") == [[0, 2][i] for i in test_order]
     with pytest.raises(DatasetError, match="encoded"):
         read_split_arrays(dataset, "train")
 
@@ -328,8 +334,8 @@ def test_generated_npz_round_trip(tmp_path: Path) -> None:
     assert list(manifest["splits"]) == ["train"]
     assert manifest["classes"] == ["0", "1", "2", "3"] and manifest["image_shape"] == [8, 6, 3]
     x, y = read_split_arrays(dataset, "train")
-    np.testing.assert_array_equal(x, images)
-    assert y.dtype == np.int64 and y.tolist() == labels.tolist()
+    np.testing.assert_array_equal(x, images[stored_order(7)])
+    assert y.dtype == np.int64 and y.tolist() == labels[stored_order(7)].tolist()
 
 
 def test_generated_npz_wrong_keys_or_dtype(tmp_path: Path) -> None:
@@ -366,8 +372,8 @@ def test_digits_split_shape_and_determinism(tmp_path: Path) -> None:
         share = (test_y == digit).sum() / ((test_y == digit).sum() + (train_y == digit).sum())
         assert 0.23 < share < 0.27
     arrays = digits_arrays()
-    np.testing.assert_array_equal(arrays["test"][0], test_x)
-    np.testing.assert_array_equal(arrays["test"][1], test_y)
+    np.testing.assert_array_equal(arrays["test"][0][stored_order(450)], test_x)
+    np.testing.assert_array_equal(arrays["test"][1][stored_order(450)], test_y)
 
 
 def test_ensure_digits_caches_and_uses_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -413,7 +419,7 @@ def test_existing_dataset_needs_overwrite(tmp_path: Path) -> None:
     np.savez(source, image=np.full((3, 4, 4, 3), 9, np.uint8), label=np.array([0, 1, 2]))
     assert prepare_dataset("generated", source, tmp_path / "out", overwrite=True) == dataset
     x, y = read_split_arrays(dataset, "train")
-    assert x.shape == (3, 4, 4, 3) and (x == 9).all() and y.tolist() == [0, 1, 2]
+    assert x.shape == (3, 4, 4, 3) and (x == 9).all() and sorted(y.tolist()) == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["generated"]
 
 

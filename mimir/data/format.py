@@ -4,7 +4,9 @@ A prepared dataset ``<out_dir>/<name>/`` holds ``<split>/part-NNNNN.parquet`` sh
 columns ``image`` (binary) and ``label`` (int64), plus ``manifest.json``, which is written
 last: a folder without it is never a dataset. ``image`` is either raw uint8 HWC RGB bytes
 (``"raw"`` encoding: CIFAR-10, Tiny-ImageNet, digits, generated data) or the original
-JPEG/PNG file bytes (``"encoded"``: ImageNet-1K). Every dataset is built in a hidden sibling
+JPEG/PNG file bytes (``"encoded"``: ImageNet-1K). Rows are stored in a seeded random order
+(:func:`stored_order`), never class by class, so any shard, block or first N rows mixes the classes.
+Every dataset is built in a hidden sibling
 folder and renamed into place, so a failed run never looks complete. This module is the format
 alone (writer, manifest, verification, reader); ``mimir.data.sources`` turns each source into it.
 """
@@ -20,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +37,8 @@ _MANIFEST_KEYS = ("name", "format_version", "encoding", "image_shape", "num_clas
                   "splits", "source")
 
 Row = tuple[bytes, int]
+T = TypeVar("T")
+ROW_ORDER_SEED = 0  # stored row i of a split of n rows is source row stored_order(n)[i]
 
 
 class DatasetError(ValueError):
@@ -55,11 +59,25 @@ class DatasetSpec:
     @classmethod
     def from_arrays(cls, classes: Sequence[str],
                     splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> DatasetSpec:
-        """Raw-encoded spec from uint8 (N, H, W, C) image arrays and integer label arrays."""
+        """Raw-encoded spec from uint8 (N, H, W, C) image arrays and integer label arrays, rows in
+        stored order."""
         first_images = next(iter(splits.values()))[0]
         shape = tuple(int(d) for d in first_images.shape[1:])
-        rows = {split: array_rows(images, labels) for split, (images, labels) in splits.items()}
+        rows = {}
+        for split, (images, labels) in splits.items():
+            order = stored_order(len(labels))
+            rows[split] = array_rows(images[order], np.asarray(labels)[order])
         return cls("raw", shape, list(classes), rows)
+
+
+def stored_order(num_rows: int, seed: int = ROW_ORDER_SEED) -> np.ndarray:
+    """The permutation a split of ``num_rows`` source rows is stored in (the same on every run)."""
+    return np.random.default_rng(seed).permutation(num_rows)
+
+
+def in_stored_order(items: Sequence[T]) -> list[T]:
+    """``items`` (a source's rows, or the files they come from) permuted by :func:`stored_order`."""
+    return [items[i] for i in stored_order(len(items))]
 
 
 def default_data_dir() -> Path:
@@ -92,6 +110,7 @@ def write_dataset(spec: DatasetSpec, dataset_dir: str | Path, *, source: str,
             "classes": list(spec.classes),
             "splits": splits,
             "source": source,
+            "row_order": {"shuffled": True, "seed": ROW_ORDER_SEED},
         }
         (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _install(partial, dataset_dir, overwrite)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from ray.data.dataset import MaterializedDataset
 
 from mimir.config import DataConfig
 from mimir.data.format import DatasetError, default_data_dir, load_manifest
@@ -108,26 +110,39 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
 CACHE_FRACTION = 0.25  # of the cluster's object store, for ``cache_in_memory: null``
 
 
-def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = None) -> ray.data.Dataset:
+def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = None,
+               seed: int | None = None) -> ray.data.Dataset:
     """The split's raw rows, read once into the object store when cached (each epoch re-executes a
     dataset: uncached, every epoch lists and reads the files again, a fixed cost of about two seconds
-    even for a small split). The random transforms stay after this point, so they differ per epoch."""
+    even for a small split). The random transforms stay after this point, so they differ per epoch.
+    With a ``seed`` the files are read in a new seeded order at every execution (epoch)."""
     files = split_files(dataset_dir, split)
     if cache_in_memory is None:
         capacity = ray.cluster_resources().get("object_store_memory", 0.0)
         cache_in_memory = sum(Path(f).stat().st_size for f in files) <= CACHE_FRACTION * capacity
-    ds = ray.data.read_parquet(files)
+    shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(files, shuffle=shuffle)
     return ds.materialize() if cache_in_memory else ds
 
 
-def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_size: int | None = None,
-                  generated_dir: Path | None = None) -> ray.data.Dataset:
+def _per_epoch(seed: int) -> ray.data.RandomSeedConfig:
+    """A seed that Ray Data combines with the execution index: a new, reproducible draw every epoch."""
+    return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+
+
+def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0,
+                  batch_size: int | None = None, generated_dir: Path | None = None) -> ray.data.Dataset:
     """The augmented training split; for fine-tuning optionally mixed with generated data and
-    MixUp / CutMix / RandAugment as ``data.augment`` says."""
+    MixUp / CutMix / RandAugment as ``data.augment`` says.
+
+    Order: the files (uncached) or blocks (cached) come in a new seeded order every epoch; the
+    workers' local shuffle buffer (:func:`epoch_batches`) then mixes rows across blocks."""
     manifest = load_manifest(dataset_dir)
-    ds = read_split(dataset_dir, "train", data.cache_in_memory)
+    ds = read_split(dataset_dir, "train", data.cache_in_memory, seed=seed)
+    if isinstance(ds, MaterializedDataset):
+        ds = ds.randomize_block_order(seed=_per_epoch(seed))
     if generated_dir is not None and finetune:
-        ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory)
+        ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory, seed)
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
     ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
         manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug"))
@@ -138,7 +153,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, batch_
 
 
 def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_dir: Path,
-                    fraction: float, cache_in_memory: bool | None) -> ray.data.Dataset:
+                    fraction: float, cache_in_memory: bool | None, seed: int) -> ray.data.Dataset:
     """Add generated rows so they make up ``fraction`` of each epoch (the authors' unsup fraction)."""
     gen_manifest = load_manifest(generated_dir)
     if gen_manifest["image_shape"] != manifest["image_shape"] or gen_manifest["encoding"] != manifest["encoding"]:
@@ -147,10 +162,22 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     n_real = sum(s["num_rows"] for name, s in manifest["splits"].items() if name == "train")
     n_gen_available = gen_manifest["splits"]["train"]["num_rows"]
     wanted = int(round(n_real * fraction / (1 - fraction)))
-    generated = read_split(generated_dir, "train", cache_in_memory)
+    generated = read_split(generated_dir, "train", cache_in_memory, seed=seed)
     if wanted < n_gen_available:
-        generated = generated.random_sample(wanted / n_gen_available)
-    return real.union(generated).random_shuffle()
+        generated = generated.random_sample(wanted / n_gen_available, seed=_per_epoch(seed))
+    return real.union(generated).random_shuffle(seed=_per_epoch(seed))
+
+
+def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, epoch: int, rank: int,
+                  device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of a worker's training batches: its shard through a local shuffle buffer of
+    ``data.shuffle_buffer`` rows, seeded by (seed, epoch, rank) so each epoch draws anew. The buffer
+    holds at least two batches: from a smaller one Ray's batcher yields short batches."""
+    buffer = max(data.shuffle_buffer, 2 * batch_size) if data.shuffle_buffer else None
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                    local_shuffle_buffer_size=buffer,
+                                    local_shuffle_seed=int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+                                    if buffer else None)
 
 
 def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None) -> ray.data.Dataset:

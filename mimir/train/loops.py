@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mimir.config import OptimConfig, RunConfig
+from mimir.data.pipeline import epoch_batches
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
@@ -97,8 +98,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         sums: Metrics = {}
         epoch_values: Metrics = {}
         steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
-        batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=4 * local_batch)
+        batches = epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed, epoch=epoch,
+                                rank=rank, device=device)
         for batch in batches:
             if probe is not None and steps == 0:
                 probe_started = time.perf_counter()

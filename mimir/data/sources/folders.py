@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimir.data.format import DatasetError, Row
+from mimir.data.format import DatasetError, Row, in_stored_order
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 
@@ -38,11 +38,12 @@ def folder_images(folder: Path) -> list[Path]:
     return images
 
 
-def labelled_files(folders: Iterable[tuple[Path, int]]) -> Iterator[tuple[Path, int]]:
-    """(file, label) for every image in the given class folders, listed lazily folder by folder."""
-    for folder, label in folders:
-        for path in folder_images(folder):
-            yield path, label
+def labelled_files(folders: Iterable[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    """(file, label) for every image in the given class folders, in stored order (classes mixed).
+
+    Only the paths are listed up front (ImageNet's 1.28 M of them take a few hundred MB); the
+    images are read lazily as the rows are written."""
+    return in_stored_order([(path, label) for folder, label in folders for path in folder_images(folder)])
 
 
 def decoded_rows(files: Iterable[tuple[Path, int]], shape: tuple[int, int, int]) -> Iterator[Row]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimir.data.format import DatasetError, DatasetSpec
+from mimir.data.format import DatasetError, DatasetSpec, in_stored_order
 from mimir.data.sources.folders import decoded_rows, labelled_files, read_lines, require_dir
 
 _TINY_SHAPE = (64, 64, 3)
@@ -54,4 +54,4 @@ def _tiny_imagenet_val(val: Path, label: dict[str, int]) -> list[tuple[Path, int
         files.append((val / "images" / fields[0], label[fields[1]]))
     if not files:
         raise DatasetError(f"{annotations}: no annotated images")
-    return files
+    return in_stored_order(files)
