@@ -37,9 +37,9 @@ def _stage_command(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     cfg = load_config(args.config, args.overrides)
     pretrained = finetuned = None
     if getattr(args, "pretrained", None):
-        pretrained = _checkpoint(args.pretrained)
+        pretrained = _checkpoint(args.pretrained, "pretrain", "--pretrained")
     if getattr(args, "checkpoint", None):
-        finetuned = _checkpoint(args.checkpoint)
+        finetuned = _checkpoint(args.checkpoint, "finetune", "--checkpoint")
     results = runner.run_pipeline(cfg, stages, resume=args.resume, overwrite=args.overwrite,
                                   pretrained=pretrained, finetuned=finetuned)
     print(format_results(results))
@@ -47,11 +47,23 @@ def _stage_command(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     return 0
 
 
-def _checkpoint(path: str) -> Any:
+def _checkpoint(path: str, stage: str, option: str) -> Any:
+    """A checkpoint folder of ``stage``, checked here (local paths) before Ray or any data starts."""
     import ray.train
 
-    if "://" not in path and not Path(path).is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    from mimir.train.checkpoint import load_state
+
+    if "://" not in path:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{option}: checkpoint directory not found: {path}")
+        try:
+            state = load_state(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"{option}: {err}") from None
+        if not (Path(path) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{option}: {path}: not a mimir checkpoint (no model.safetensors)")
+        if state.get("stage") not in (None, stage):
+            raise FileNotFoundError(f"{option}: {path} is a {state['stage']} checkpoint; a {stage} one is needed")
     return ray.train.Checkpoint(path if "://" in path else str(Path(path).resolve()))
 
 

@@ -290,11 +290,15 @@ def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
             if not overwrite:
                 raise
             remove_stage(storage, stage)  # a stage of this very config is kept and reused
-    # a stage run alone starts from the previous stage in output_dir: it must be this config's
+    # a stage run alone starts from the previous stage in output_dir: it must be there, and this config's
     if "finetune" in stages and "pretrain" not in stages and cfg.pretrain.enabled and not pretrained_given:
-        check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+        if not check_stage("pretrain", cfg, storage, "pretrain", resume=False):
+            raise FileNotFoundError(f"no finished pre-training in {_join(storage, 'pretrain')}; run "
+                                    "`mimir pretrain` first or pass --pretrained CHECKPOINT")
     if "evaluate" in stages and "finetune" not in stages and not finetuned_given:
-        check_stage("finetune", cfg, storage, "finetune", resume=False)
+        if not check_stage("finetune", cfg, storage, "finetune", resume=False):
+            raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
+                                    "`mimir finetune` first or pass --checkpoint CHECKPOINT")
 
 
 class NonFiniteRun(RuntimeError):
@@ -402,6 +406,9 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
                  finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
     """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
     ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
+    resolve_dataset(cfg.data)  # a missing dataset stops here, before Ray starts or anything is removed
+    if cfg.data.generated:
+        resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated}))
     check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
                  finetuned_given=finetuned is not None)
     init_ray()

@@ -13,7 +13,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def _config(out, *overrides):
-    return load_config(QUICKSTART, [f"output_dir={out}", *overrides])
+    return load_config(QUICKSTART, [f"output_dir={out}", f"data.root={out.parent / 'data'}", *overrides])
 
 
 def _finish(cfg, stage):
@@ -67,7 +67,8 @@ def test_a_changed_finetuning_config_keeps_the_pretraining_and_refuses_the_finet
 def test_the_cli_refuses_before_ray_and_leaves_config_json_alone(finished, capsys):
     out, cfg = finished
     before = (out / "config.json").read_text()
-    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}", "pretrain.mask_ratio=0.5"]) == 2
+    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}", f"data.root={out.parent / 'data'}",
+                     "pretrain.mask_ratio=0.5"]) == 2
     err = capsys.readouterr().err
     assert "pretrain.mask_ratio" in err and "--overwrite" in err and "Traceback" not in err
     assert (out / "config.json").read_text() == before
@@ -104,7 +105,7 @@ def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path,
         raise runner.NonFiniteRun("finetune", "ended with loss nan (100% of steps skipped as non-finite)")
 
     monkeypatch.setattr(runner, "run_stages", diverges)
-    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}"]) == 1
+    assert cli.main(["run", str(QUICKSTART), f"output_dir={out}", f"data.root={tmp_path / 'data'}"]) == 1
     assert "finetune.blr" in capsys.readouterr().err
     assert not (out / "results.json").exists()
     failed = json.loads((out / "failed.json").read_text())

@@ -157,21 +157,31 @@ class XCiTAdapter(FamilyAdapter):
 class Architecture:
     timm_name: str
     family: FamilyAdapter
+    default_width: int
     default_heads: int
 
     def check(self, grid: int, mask_ratio: float, patch_size: int, mask_sampling: str = "uniform") -> None:
         self.family.check(grid, mask_ratio, patch_size, mask_sampling)
 
+    def check_size(self, embed_dim: int | None, num_heads: int | None) -> None:
+        """Raise ValueError, naming the fields, for a width the heads or the position embedding cannot take."""
+        width, heads = embed_dim or self.default_width, num_heads or self.default_heads
+        if width % heads:
+            raise ValueError(f"model.embed_dim {width} is not divisible by model.num_heads {heads}")
+        if self.family.sincos_pos_embed and width % 4:
+            raise ValueError(f"model.embed_dim {width} must be divisible by 4 (MAE's 2-D sin-cos position "
+                             "embedding gives each axis half the channels, as sines and cosines)")
+
 
 VIT, CONVIT, XCIT = ViTAdapter(), ConViTAdapter(), XCiTAdapter()
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vit_tiny": Architecture("vit_tiny_patch16_224", VIT, 3),
-    "vit_small": Architecture("vit_small_patch16_224", VIT, 6),
-    "vit_base": Architecture("vit_base_patch16_224", VIT, 12),
-    "convit_tiny": Architecture("convit_tiny", CONVIT, 4),
-    "convit_small": Architecture("convit_small", CONVIT, 9),
-    "convit_base": Architecture("convit_base", CONVIT, 16),
-    "xcit_small": Architecture("xcit_small_12_p16_224", XCIT, 8),
-    "xcit_medium": Architecture("xcit_medium_24_p16_224", XCIT, 8),
+    "vit_tiny": Architecture("vit_tiny_patch16_224", VIT, 192, 3),
+    "vit_small": Architecture("vit_small_patch16_224", VIT, 384, 6),
+    "vit_base": Architecture("vit_base_patch16_224", VIT, 768, 12),
+    "convit_tiny": Architecture("convit_tiny", CONVIT, 192, 4),
+    "convit_small": Architecture("convit_small", CONVIT, 432, 9),
+    "convit_base": Architecture("convit_base", CONVIT, 768, 16),
+    "xcit_small": Architecture("xcit_small_12_p16_224", XCIT, 384, 8),
+    "xcit_medium": Architecture("xcit_medium_24_p16_224", XCIT, 512, 8),
 }
