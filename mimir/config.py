@@ -232,6 +232,8 @@ class ScalingConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; default cpus_per_worker
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts from the last checkpoint; -1 = forever
+    # node preemptions (spot instances taken back) are counted apart from max_failures; -1 = forever
+    max_preemption_failures: int = Field(-1, ge=-1)
     storage_path: str | None = None  # local path or URI (s3://, gs://); default: output_dir
 
 

@@ -117,6 +117,59 @@ def test_rayjob_runs_a_mimir_command_on_a_head_and_gpu_workers_with_the_token_fr
         assert "value" not in env["RAY_AUTH_TOKEN"] and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
 
 
+def _quantity(value: str) -> float:
+    """A Kubernetes CPU quantity: "8" or "500m"."""
+    return float(value[:-1]) / 1000 if str(value).endswith("m") else float(value)
+
+
+def _worker_types() -> dict[str, list[dict[str, float]]]:
+    """Per cluster file, what one GPU worker node offers: {"CPU": .., "GPU": ..}."""
+    aws = _load("aws-gpu.yaml")
+    job = _load("kuberay-rayjob.yaml")
+    kuberay = []
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+        kuberay.append({"CPU": _quantity(requests["cpu"]), "GPU": float(requests.get("nvidia.com/gpu", 0))})
+    return {"aws-gpu.yaml": [t["resources"] for name, t in aws["available_node_types"].items()
+                             if name != aws["head_node_type"]],
+            "kuberay-rayjob.yaml": kuberay}
+
+
+def _asks() -> dict[str, dict[str, float]]:
+    """What each GPU preset and sweep spec asks per worker."""
+    from mimir.sweep import load_spec
+
+    asks = {}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        s = load_config(path).scaling
+        if s.use_gpu:
+            asks[path.name] = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker}
+    for path in sorted((REPO / "tune").glob("*.yaml")):
+        r = load_spec(path)[0].resources
+        if r.gpus_per_worker > 0:
+            asks[path.name] = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    return asks
+
+
+def test_every_gpu_preset_and_spec_fits_a_worker_type_of_each_cluster_file():
+    asks, offers = _asks(), _worker_types()
+    assert len(asks) >= 12
+    for file, types in offers.items():
+        for name, ask in asks.items():
+            assert any(all(t.get(k, 0) >= v for k, v in ask.items()) for t in types), (
+                f"{name} asks {ask} per worker; no worker type of {file} offers it ({types})")
+            # and leaves CPUs on the node for Ray Data's decoding and cropping
+            assert any(t.get("CPU", 0) - ask["CPU"] >= 4 for t in types), f"{name} leaves {file} no data CPUs"
+
+
+def test_kuberay_autoscaler_has_the_token_and_the_job_resumes_when_retried():
+    job = _load("kuberay-rayjob.yaml")
+    env = {e["name"]: e for e in job["spec"]["rayClusterSpec"]["autoscalerOptions"]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mimir-ray-token"
+    assert "--resume" in job["spec"]["entrypoint"].split()
+
+
 def test_runtime_env_uploads_the_code_but_not_results_data_or_caches():
     from ray._private.runtime_env.packaging import _get_excludes  # Ray's own matcher for `excludes`
 
