@@ -7,8 +7,8 @@ steps of every method, in an order rotated per round, so drift of the machine (c
 load) spreads over all methods instead of biasing one. Absolute seconds depend on the hardware; the
 ratios to MIMIR are what compare with the paper, whose per-epoch times at one dataset size are
 proportional to the per-image times measured here. Besides the methods, it times the MI penalty
-alone (HSIC and I_alpha with their gradients, at the batch's latent shape) and MIMIR's 1-step attack
-alone, the two parts of a MIMIR step that a MAE step does not have.
+alone (the authors' normalized-CCA HSIC and I_alpha with their gradients, at the batch's latent
+shape) and MIMIR's 1-step attack alone, the two parts of a MIMIR step that a MAE step does not have.
 
 ``--ray`` also runs a small pre-training through Ray Train + Ray Data and as a bare loop over
 in-memory tensors, and reports the per-epoch time ratio as ``ray_overhead``.

@@ -384,7 +384,8 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
         with timed(seconds, "evaluate"):
             evaluation = run_evaluate(cfg, finetuned)
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
-                       attack_seconds=evaluation["seconds"])
+                       attack_seconds=evaluation["seconds"],
+                       evaluate_private_memory_mb=evaluation.get("private_memory_mb"))
     results["seconds"] = seconds
     return results
 
@@ -423,4 +424,5 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
         record_failure(out, cfg, err)
         raise
     write_json_atomically(out / "results.json", results)
+    (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer describes this folder
     return results
