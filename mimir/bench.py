@@ -39,8 +39,8 @@ from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse
 from mimir.memory import PeakRSS
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
-from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
-                               pretrain_step, set_lr)
+from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
+                               pretrain_optimizer, pretrain_step, set_lr)
 
 NUM_CLASSES = 10
 REFERENCE = "mimir"  # ratios are to this method's median step time
@@ -343,7 +343,8 @@ class _ForwardReports(ray.train.UserCallback):
 
 
 def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> list[float]:
-    """The same pre-training as a plain loop of ``pretrain_step`` over in-memory tensors."""
+    """The same pre-training as a plain loop of ``pretrain_step`` over in-memory tensors, with the
+    same per-epoch MI probe as the Ray loop, so both sides do the same work."""
     torch.manual_seed(cfg.seed)
     mae = build_mae(cfg).to(device)
     optimizer = pretrain_optimizer(mae, cfg.pretrain)
@@ -357,6 +358,8 @@ def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> 
         _sync(device)
         started = time.perf_counter()
         order = torch.randperm(len(images), device=device)
+        if penalty is not None:
+            mi_gradient_share(mae, images[order[:batch]], cfg.pretrain, precision, penalty)
         for i in range(steps):
             set_lr(optimizer, lr_at(epoch + i / steps, cfg.pretrain))
             pretrain_step(mae, optimizer, images[order[i * batch:(i + 1) * batch]], cfg.pretrain, precision, penalty)

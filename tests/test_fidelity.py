@@ -132,6 +132,30 @@ def test_the_penalty_at_the_preset_lambda_changes_what_the_encoder_learns(quicks
     assert cca > 10 * eq29
 
 
+def test_measuring_the_share_leaves_the_training_run_unchanged(quickstart):
+    """The per-epoch probe must not move the run: same weights and losses with or without it."""
+    cfg, images = quickstart
+    penalty = MIPenalty.from_config(cfg.pretrain.mi)
+
+    def train(probe: bool):
+        torch.manual_seed(0)
+        mae = build_mae(cfg)
+        optimizer = pretrain_optimizer(mae, cfg.pretrain)
+        set_lr(optimizer, cfg.pretrain.lr)
+        losses = []
+        for _ in range(2):
+            if probe:
+                grads = [None if p.grad is None else p.grad.clone() for p in mae.parameters()]
+                mi_gradient_share(mae, images, cfg.pretrain, FP32, penalty)
+                after = [p.grad for p in mae.parameters()]  # gradient buffers untouched
+                assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, after))
+            losses.append(pretrain_step(mae, optimizer, images, cfg.pretrain, FP32, penalty)["loss"].item())
+        return losses, torch.cat([p.detach().flatten() for p in mae.parameters()])
+
+    (plain_losses, plain), (probed_losses, probed) = train(False), train(True)
+    assert probed_losses == plain_losses and torch.equal(probed, plain)
+
+
 def test_an_inactive_penalty_is_reported_once_after_warm_up():
     assert no_effect_warning({"epoch": 0, "mi_share": 1e-8}, warmup_epochs=2) is None  # still warming up
     assert "no effect" in no_effect_warning({"epoch": 1, "mi_share": 1e-8}, warmup_epochs=2)

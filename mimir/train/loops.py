@@ -76,8 +76,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
                   probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None) -> None:
     """The epoch loop shared by both stages: schedule, shard iteration, metrics, checkpoints.
 
-    ``probe`` measures per-epoch values on the epoch's first batch, before its step, with its own
-    random stream (the run continues exactly as without it)."""
+    ``probe`` measures per-epoch values on the epoch's first batch, before its step; it must leave
+    the training state and random stream as they were (``mi_gradient_share`` does)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -103,8 +103,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         for batch in batches:
             if probe is not None and steps == 0:
                 probe_started = time.perf_counter()
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    epoch_values = probe(batch)
+                epoch_values = probe(batch)
                 probe_seconds = time.perf_counter() - probe_started
             lr = lr_at(epoch + min(steps / steps_per_epoch, 1.0), optim_cfg)
             set_lr(optimizer, lr)

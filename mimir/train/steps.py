@@ -171,16 +171,19 @@ def mi_gradient_share(model: nn.Module, images: torch.Tensor, cfg: PretrainConfi
     """||grad_theta lambda * I|| / ||grad_theta L_mse|| over the encoder's parameters on this batch,
     and the estimate I itself.
 
-    The same computation as a step (mask, attack, forward) on the bare module, without an update
-    and without touching any gradient buffer; costs about one step. It answers "does the penalty
-    move the encoder at this lambda?", which the loss value alone cannot (lambda * I can be
-    negligible next to the MSE while its gradient is not, and the other way round).
+    The same computation as a step (mask, attack, forward) on the bare module, without an update,
+    without touching any gradient buffer and with its own random stream, so a run that measures it
+    trains exactly as one that does not; costs about one step. It answers "does the penalty move
+    the encoder at this lambda?", which the loss value alone cannot (lambda * I can be negligible
+    next to the MSE while its gradient is not, and the other way round).
     """
     mae = unwrap(model)
-    adv, latent, mse = _pretrain_forward(mae, images, cfg, precision)  # the bare module: no DDP sync
-    mi = penalty.mi(images, adv, latent)
-    params = [p for p in mae.encoder.parameters() if p.requires_grad]
-    share = _grad_norm(penalty.weight * mi, params, retain=True) / _grad_norm(mse, params, retain=False)
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        adv, latent, mse = _pretrain_forward(mae, images, cfg, precision)  # bare module: no DDP sync
+        mi = penalty.mi(images, adv, latent)
+        params = [p for p in mae.encoder.parameters() if p.requires_grad]
+        share = _grad_norm(penalty.weight * mi, params, retain=True) / _grad_norm(mse, params, retain=False)
     return share.detach(), mi.detach()
 
 
