@@ -176,6 +176,16 @@ class PretrainConfig(OptimConfig):
     mi: MIConfig = MIConfig()
 
 
+class ValidationConfig(Strict):
+    """The robust-overfitting guard: a held-out part of the training split, measured while
+    fine-tuning; the checkpoint with the best robust accuracy on it is what evaluation uses."""
+
+    # held-out training images (stratified, seeded by the run's seed; 0: no validation)
+    images: int = Field(1000, ge=0)
+    every: int = Field(1, ge=1)  # epochs between measurements (and always the last epoch)
+    attack_steps: int = Field(10, ge=1)  # PGD-k at evaluate.eps / evaluate.step_size
+
+
 class FinetuneConfig(OptimConfig):
     method: Literal["clean", "pgd", "fast", "trades", "mart"] = "pgd"
     epochs: int = Field(100, ge=1)
@@ -194,6 +204,7 @@ class FinetuneConfig(OptimConfig):
     # where MART's PGD starts: "gaussian" x + 0.001 N(0, I) (the authors' code) or "uniform" in the ball
     mart_start: Literal["gaussian", "uniform"] = "gaussian"
     clip_grad: float | None = Field(None, gt=0)
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _check_attack(self) -> "FinetuneConfig":
@@ -207,6 +218,9 @@ EvalAttack = Literal["natural", "pgd10", "pgd20", "pgd100", "autoattack", "pgd_m
 
 class EvaluateConfig(Strict):
     attacks: list[EvalAttack] = ["natural", "pgd20"]
+    # which fine-tuning checkpoint is evaluated: the one with the best robust validation accuracy
+    # ("best"; the last one when validation is off) or the last one
+    checkpoint: Literal["best", "last"] = "best"
     num_images: int | None = Field(None, ge=1)  # None: the whole test split
     batch_size: int = Field(256, ge=1)
     eps: Budget = 8 / 255
@@ -235,6 +249,9 @@ class ScalingConfig(Strict):
     # node preemptions (spot instances taken back) are counted apart from max_failures; -1 = forever
     max_preemption_failures: int = Field(-1, ge=-1)
     storage_path: str | None = None  # local path or URI (s3://, gs://); default: output_dir
+    # torch's deterministic algorithms (and no cuDNN autotuning): on GPUs, same seed -> same weights,
+    # at some speed; CPU runs are deterministic without it
+    deterministic: bool = False
 
 
 class RunConfig(Strict):

@@ -64,10 +64,9 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
         ranked = sorted(trials, key=lambda t: t["accuracy"][spec.objective.metric],
                         reverse=spec.objective.mode == "max")
         keys = list(spec.space)
-        return ([{"label": _label(t["config"], keys), "ours": t["accuracy"], "paper": {},
-                  "retried": "retried" in t, "failed": None} for t in ranked]
-                + [{"label": _label(f["config"], keys), "ours": {}, "paper": {}, "retried": False,
-                    "failed": f["reason"]} for f in failures])
+        return ([{"label": _label(t["config"], keys), **_ours(t), "paper": {}, "failed": None} for t in ranked]
+                + [{"label": _label(f["config"], keys), **_ours(None), "paper": {}, "failed": f["reason"]}
+                   for f in failures])
     rows = [(r.label, r.set, r.paper) for r in spec.rows]
     rows += [(", ".join(f"{k}={v}" for k, v in point.items()), point, {})
              for point in spec.grid_points()[len(spec.rows):]]
@@ -75,50 +74,73 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
     for label, values, paper in rows:
         match = next((t for t in trials if _matches(t["config"], values)), None)
         failure = None if match else next((f for f in failures if _matches(f["config"], values)), None)
-        out.append({"label": label, "ours": match["accuracy"] if match else {}, "paper": paper,
-                    "retried": bool(match and "retried" in match), "set": values,
+        out.append({"label": label, **_ours(match), "paper": paper, "set": values,
                     "failed": failure["reason"] if failure else None})
     return out
+
+
+def _ours(trial: dict[str, Any] | None) -> dict[str, Any]:
+    """A trial's values for its table row: accuracies (the mean over seeds), their standard
+    deviations and seed count, and whether a run was retried at lr / 10."""
+    if trial is None:
+        return {"ours": {}, "std": {}, "n": 0, "retried": False}
+    return {"ours": trial["accuracy"], "std": trial.get("accuracy_std", {}), "n": trial.get("num_seeds", 1),
+            "retried": bool(trial.get("retried"))}
 
 
 def _fmt(value: float | None) -> str:
     return MISSING if value is None else f"{value:.2f}"
 
 
-def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
+def _cells(row: dict[str, Any], columns: list[str], seeds: int, split_std: bool = False) -> list[str]:
+    """Per column: ours (mean ± std over seeds; std in a cell of its own for CSV), the paper's
+    value and the difference of the mean; then the seed count when the spec runs several."""
     cells = []
     for c in columns:
-        ours, paper = row["ours"].get(c), row["paper"].get(c)
+        ours, paper, std = row["ours"].get(c), row["paper"].get(c), row["std"].get(c)
         diff = f"{ours - paper:+.2f}" if ours is not None and paper is not None else MISSING
-        cells += [FAILED_CELL if row["failed"] else _fmt(ours), _fmt(paper), diff]
-    return cells
+        shown = FAILED_CELL if row["failed"] else _fmt(ours)
+        if seeds > 1 and split_std:
+            cells += [shown, _fmt(std)]
+        else:
+            cells.append(f"{shown} ± {std:.2f}" if seeds > 1 and ours is not None and std is not None else shown)
+        cells += [_fmt(paper), diff]
+    return cells + ([str(row["n"])] if seeds > 1 else [])
 
 
-def _header(columns: list[str]) -> list[str]:
-    return [h for c in columns for h in (f"{TITLES.get(c, c)} ours", f"{TITLES.get(c, c)} paper", "Δ")]
+def _header(columns: list[str], seeds: int, split_std: bool = False) -> list[str]:
+    header = []
+    for c in columns:
+        title = TITLES.get(c, c)
+        header += [f"{title} ours", f"{title} std"] if seeds > 1 and split_std else [f"{title} ours"]
+        header += [f"{title} paper", "Δ"]
+    return header + (["seeds"] if seeds > 1 else [])
 
 
 def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    header = ["Row", *_header(spec.columns)]
+    header = ["Row", *_header(spec.columns, spec.seeds)]
     lines = [f"**{spec.title or spec.name}**", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in rows:
         label = row["label"] + (" (lr / 10 after NaN)" if row["retried"] else "")
-        lines.append("| " + " | ".join([label, *_cells(row, spec.columns)]) + " |")
+        lines.append("| " + " | ".join([label, *_cells(row, spec.columns, spec.seeds)]) + " |")
     done = sum(1 for r in rows if r["ours"])
     failed = [r for r in rows if r["failed"]]
     summary = f"{done} of {len(rows)} rows finished" + (f", {len(failed)} failed" if failed else "")
-    lines += ["", f"{summary}; accuracy in %, Δ = ours - paper."]
+    spread = (f" ours = mean ± sample standard deviation over {spec.seeds} seeds, Δ = mean - paper."
+              if spec.seeds > 1 else " Δ = ours - paper.")
+    lines += ["", f"{summary}; accuracy in %;{spread}"]
     lines += [f"- {r['label']} failed: {r['failed'].splitlines()[0]}" for r in failed]
     return "\n".join(lines)
 
 
 def latex_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    header = ["Row", *_header(spec.columns)]
+    header = ["Row", *_header(spec.columns, spec.seeds)]
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$")
     lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join([esc(r["label"]), *_cells(r, spec.columns)]).replace(MISSING, "--") + r" \\" for r in rows]
+    lines += [" & ".join([esc(r["label"]), *_cells(r, spec.columns, spec.seeds)]).replace(MISSING, "--")
+              .replace("±", r"$\pm$") + r" \\" for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -157,7 +179,7 @@ def write_reports(spec: SweepSpec, experiment: Path) -> str:
     (experiment / "table.tex").write_text(latex_table(spec, rows) + "\n")
     with open(experiment / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", *_header(spec.columns)])
-        writer.writerows([r["label"], *_cells(r, spec.columns)] for r in rows)
+        writer.writerow(["row", *_header(spec.columns, spec.seeds, split_std=True)])
+        writer.writerows([r["label"], *_cells(r, spec.columns, spec.seeds, split_std=True)] for r in rows)
     plot(spec, rows, experiment / "figure.png")
     return markdown

@@ -27,7 +27,8 @@ import ray.train.torch
 import torch
 
 from mimir.config import RunConfig, config_changes
-from mimir.data.pipeline import (eval_dataset, num_train_rows, resolve_dataset, train_dataset)
+from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
+                                 validation_dataset)
 from mimir.evaluate import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
 from mimir.data.format import load_manifest
@@ -118,8 +119,10 @@ def _run_exists(storage: str, name: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def stage_checkpoint(storage: str, record: dict[str, Any]) -> ray.train.Checkpoint:
-    return ray.train.Checkpoint(_join(storage, record["checkpoint"]))
+def stage_checkpoint(storage: str, record: dict[str, Any], which: str = "last") -> ray.train.Checkpoint:
+    """A finished stage's last checkpoint, or (``which="best"``) its best-validated one where it has one."""
+    key = "best_checkpoint" if which == "best" and "best_checkpoint" in record else "checkpoint"
+    return ray.train.Checkpoint(_join(storage, record[key]))
 
 
 def _latest_checkpoint_state(storage: str, name: str) -> dict[str, Any] | None:
@@ -183,13 +186,28 @@ def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
+def resume_epoch(storage: str, name: str) -> int:
+    """The epoch a stage's run continues from: after its newest checkpoint, or 0."""
+    state = _latest_checkpoint_state(storage, name)
+    return 0 if state is None else state["epoch"] + 1
+
+
 def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],
-         dataset: Callable[[], ray.data.Dataset], resume: bool, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+         datasets: Callable[[int], dict[str, ray.data.Dataset]], resume: bool,
+         callbacks: Sequence[Any] = (), scored: bool = False) -> ray.train.Checkpoint:
     """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint.
-    ``dataset`` builds the training data, only when the stage has to run (it may read it into memory)."""
+
+    ``datasets(start_epoch)`` builds the stage's data. Ray Train calls it whenever it starts the
+    workers, at the first start and after every restart, so the data continues at the epoch the
+    weights continue from. ``scored``: keep the checkpoint with the best ``checkpoint_score`` beside
+    the latest; the stage record names it ``best_checkpoint``."""
     if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
         return stage_checkpoint(storage, read_stage_record(storage, name))
+    checkpoints = (ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                                              checkpoint_score_order="max")
+                   if scored else ray.train.CheckpointConfig(num_to_keep=2))
+    first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
     trainer = ray.train.torch.TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -197,23 +215,46 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoints,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
                                                    max_preemption_failures=cfg.scaling.max_preemption_failures),
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
         ),
-        datasets={"train": dataset()},
+        datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first},
+        # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"[{stage}] finished without a checkpoint")
-    relative = result.checkpoint.path.rstrip("/").rsplit("/", 2)[-2:]
-    record = {"stage": stage, "checkpoint": "/".join(relative), "metrics": result.metrics,
+    record = {"stage": stage, "checkpoint": _relative(result.checkpoint), "metrics": result.metrics,
               "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash(),
               "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)}
+    if scored and result.best_checkpoints:
+        best, metrics = max(reversed(result.best_checkpoints), key=lambda pair: pair[1]["checkpoint_score"])
+        record.update(best_checkpoint=_relative(best), best_metrics=metrics)
     _write_stage_record(storage, name, record)
     return stage_checkpoint(storage, record)
+
+
+def _relative(checkpoint: ray.train.Checkpoint) -> str:
+    """``<run name>/<checkpoint folder>``: a checkpoint's path below the storage root."""
+    return "/".join(checkpoint.path.rstrip("/").rsplit("/", 2)[-2:])
+
+
+def _restart_aware(datasets: Callable[[int], dict[str, ray.data.Dataset]], storage: str, name: str, key: str,
+                   first: ray.data.Dataset) -> Callable[[], ray.data.Dataset]:
+    """The dataset for Ray Train: ``first`` at the first start, rebuilt at the resumed epoch after a restart."""
+    started = [False]
+
+    def build() -> ray.data.Dataset:
+        if not started[0]:
+            started[0] = True
+            return first
+        return datasets(resume_epoch(storage, name))[key]
+
+    return build
 
 
 def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pretrain", resume: bool = False,
@@ -223,32 +264,53 @@ def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pre
 
     dataset_dir = resolve_dataset(cfg.data)
     steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
+
+    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
+        return {"train": train_dataset(dataset_dir, cfg.data, finetune=False, seed=cfg.seed, start_epoch=start_epoch)}
+
     return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
-                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps},
-                lambda: train_dataset(dataset_dir, cfg.data, finetune=False, seed=cfg.seed), resume, callbacks)
+                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps}, datasets, resume, callbacks)
 
 
 def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
                  name: str = "finetune", resume: bool = False, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
-    """Adversarial fine-tuning on Ray Train from a pre-training checkpoint (None: from scratch)."""
+    """Adversarial fine-tuning on Ray Train from a pre-training checkpoint (None: from scratch),
+    validated on a held-out part of the training split (:func:`holdout_indices`)."""
     from mimir.train.loops import finetune_worker
 
     dataset_dir = resolve_dataset(cfg.data)
     generated = resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})) \
         if cfg.data.generated else None
     manifest = load_manifest(dataset_dir)
-    steps = max(num_train_rows(dataset_dir, cfg.data, finetune=True) // cfg.finetune.batch_size, 1)
+    holdout = holdout_indices(dataset_dir, cfg.finetune.validation.images, cfg.seed)
+    rows = num_train_rows(dataset_dir, cfg.data, finetune=True) - len(holdout)
+    steps = max(rows // cfg.finetune.batch_size, 1)
     loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
                    "num_classes": manifest["num_classes"], "pretrained": pretrained}
-    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config,
-                lambda: train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, generated_dir=generated,
-                                      batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers),
-                resume, callbacks)
+
+    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
+        built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
+                                        holdout=holdout, generated_dir=generated,
+                                        batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
+        if len(holdout):
+            built["val"] = validation_dataset(dataset_dir, cfg.data, holdout)
+        return built
+
+    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config, datasets,
+                resume, callbacks, scored=bool(len(holdout)))
+
+
+def validation_record(cfg: RunConfig) -> dict[str, Any]:
+    """What results.json says of the validation split: its size, seed and the held-out rows."""
+    holdout = holdout_indices(resolve_dataset(cfg.data), cfg.finetune.validation.images, cfg.seed)
+    return {"images": len(holdout), "seed": cfg.seed, "every": cfg.finetune.validation.every,
+            "attack_steps": cfg.finetune.validation.attack_steps, "indices": holdout.tolist()}
 
 
 def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     cfg = RunConfig.model_validate(cfg_json)
     quiet_ray_data()
+    torch.manual_seed(cfg.seed)  # the attacks' random starts
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     memory = PrivateMemoryPeak()
@@ -370,17 +432,19 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
                                         "run `mimir pretrain` first or pass --pretrained CHECKPOINT")
             pretrained = stage_checkpoint(pretrain_storage, record)
         with timed(seconds, "finetune"):
-            finetuned = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage,
-                                     resume=resume, callbacks=callbacks)
+            run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume,
+                         callbacks=callbacks)
         results["finetune"] = read_stage_record(storage, "finetune")
         check_finite("finetune", results["finetune"])
+        results["validation"] = validation_record(cfg)
     if "evaluate" in stages:
         if finetuned is None:
             record = read_stage_record(storage, "finetune")
             if record is None:
                 raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
                                         "`mimir finetune` first or pass --checkpoint CHECKPOINT")
-            finetuned = stage_checkpoint(storage, record)
+            finetuned = stage_checkpoint(storage, record, cfg.evaluate.checkpoint)
+            results["evaluated_checkpoint"] = finetuned.path
         with timed(seconds, "evaluate"):
             evaluation = run_evaluate(cfg, finetuned)
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],

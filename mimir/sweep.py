@@ -5,8 +5,14 @@ A spec either lists ``rows`` (the cells of a paper table; each row is one trial,
 or gives a ``space`` of distributions for Optuna's TPE. Every trial writes its own
 ``results.json`` under ``<experiment>/trials/<trial id>/``; pre-training is cached under
 ``<experiment>/pretrain_cache/<pretrain hash>/`` so trials that differ only in fine-tuning share one.
-Tune sees one metric, ``objective``: during fine-tuning it is the epoch's training accuracy (%, what a
-scheduler such as ASHA stops on); the trial's last report sets it to the evaluated objective metric.
+With ``seeds: N`` a trial runs its point N times (seeds ``seed`` .. ``seed + N - 1``, one after
+another, each in ``<trial>/seed-<s>/``, pre-training cached per seed) and reports the mean.
+
+Tune sees one metric, ``objective``: while a trial fine-tunes it is the spec's validation metric
+(robust accuracy on the held-out split, what a scheduler such as ASHA stops on, with time counted in
+fine-tuning epochs); the trial's final report sets it to the evaluated metric, and only that final
+value reaches Optuna. A trial's last epoch is left to that final report, so no scheduler can stop a
+trial between its last epoch and its evaluation.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ class Distribution(Strict):
 
 
 class Objective(Strict):
-    metric: EvalAttack = "pgd20"
+    metric: EvalAttack = "pgd20"  # a trial's value: its final evaluation
     mode: Literal["max", "min"] = "max"
+    # what a scheduler steers on while a trial fine-tunes (never training accuracy)
+    validation: Literal["val_pgd", "val_natural"] = "val_pgd"
 
 
 class Scheduler(Strict):
@@ -82,7 +90,8 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     columns: list[EvalAttack] = ["natural", "pgd20"]  # metrics shown in the table
     plot: str | None = None  # a config key to plot the columns against (a paper figure)
-    seed: int = 0
+    seed: int = 0  # Optuna's sampler
+    seeds: int = Field(1, ge=1)  # runs per row / sampled point, with seeds seed, seed + 1, ...
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
@@ -180,16 +189,21 @@ def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] 
                              pretrain_cache=str(experiment / PRETRAIN_CACHE), callbacks=callbacks)
 
 
-def _epoch_objective_callback() -> Any:
-    """A TuneReportCallback that also reports the epoch's training accuracy (%) as ``objective``."""
+def _validation_callback(metric: str, seed_index: int, epochs: int, seeds: int) -> Any:
+    """A TuneReportCallback that reports each validated fine-tuning epoch: ``objective`` = the
+    validation ``metric``, ``finetune_epoch`` = epochs done over the trial's seeds. The trial's last
+    epoch is not reported; its final report (with the evaluation) takes that place."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class EpochObjective(TuneReportCallback):
+    class ValidationObjective(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            first = dict(metrics[0], objective=100.0 * metrics[0].get("acc", 0.0))
-            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+            report = metrics[0]
+            done = seed_index * epochs + report["epoch"] + 1
+            if metric in report and done < epochs * seeds:
+                first = dict(report, objective=report[metric], finetune_epoch=done)
+                super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
-    return EpochObjective()
+    return ValidationObjective()
 
 
 def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = (),
@@ -232,10 +246,55 @@ def finished_results(cfg: Any, trial_dir: Path) -> dict[str, Any] | None:
 TrialRunner = Callable[..., dict[str, Any]]
 
 
+def combine_seeds(cfg: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for a point run with several seeds: mean and sample standard deviation of each
+    accuracy, the count, and every run's own results."""
+    metrics = sorted(set.intersection(*(set(r["accuracy"]) for r in runs)))
+    values = {m: [r["accuracy"][m] for r in runs] for m in metrics}
+    mean = {m: sum(v) / len(v) for m, v in values.items()}
+    std = {m: (sum((x - mean[m]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+           for m, v in values.items()}
+    return {"config": cfg.model_dump(mode="json"), "accuracy": mean, "accuracy_std": std, "num_seeds": len(runs),
+            "seeds": [r["config"]["seed"] for r in runs], "runs": runs,
+            "retried": [r["retried"] for r in runs if "retried" in r] or None,
+            "trial_config_hash": cfg.config_hash()}
+
+
+def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
+              run: TrialRunner = run_trial) -> dict[str, Any]:
+    """A trial's point run with ``spec.seeds`` seeds, each reusing its results if it finished before
+    an interruption; writes and returns the trial's record (one run's, or their combination)."""
+    from mimir.runner import write_json_atomically
+
+    if spec.seeds > 1:
+        done = finished_results(cfg, trial_dir)
+        if done is not None:
+            return done
+    runs = []
+    for index in range(spec.seeds):
+        seed = cfg.seed + index
+        seed_dir = trial_dir if spec.seeds == 1 else trial_dir / f"seed-{seed}"
+        seed_cfg = cfg if spec.seeds == 1 else cfg.model_copy(update={"seed": seed, "output_dir": str(seed_dir)})
+        results = finished_results(seed_cfg, seed_dir)
+        if results is not None:
+            print(f"[sweep] {seed_dir.relative_to(experiment)} had finished before the sweep was interrupted; "
+                  "reusing its results", flush=True)
+        else:
+            callback = _validation_callback(spec.objective.validation, index, cfg.finetune.epochs, spec.seeds)
+            results = run_with_retry(seed_cfg, experiment, seed_dir, [callback], run=run)
+        runs.append(results)
+    if spec.seeds == 1:
+        return runs[0]
+    combined = combine_seeds(cfg, runs)
+    write_json_atomically(trial_dir / "results.json", combined)
+    return combined
+
+
 def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
                run: TrialRunner = run_trial) -> None:
-    """The Tune trial: build the trial's config, ``run`` it (once more at lr / 10 on NaN), report.
-    A failure is written to the trial's folder and raised, so Tune records the trial as errored."""
+    """The Tune trial: build the trial's config, run it with each seed (once more at lr / 10 on NaN),
+    report the final values. A failure is written to the trial's folder and raised, so Tune records
+    the trial as errored."""
     from ray import tune
 
     from mimir.runner import quiet_ray_data, record_failure
@@ -245,19 +304,29 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     point = _decode_point(params)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
-    results = finished_results(cfg, trial_dir)
-    if results is not None:
-        print(f"[sweep] trial {trial_dir.name} had finished before the sweep was interrupted; reusing its results",
-              flush=True)
-    else:
-        try:
-            results = run_with_retry(cfg, Path(experiment), trial_dir, [_epoch_objective_callback()], run=run)
-        except Exception as err:
-            record_failure(trial_dir, cfg, err)
-            raise
+    try:
+        results = run_point(cfg, spec, Path(experiment), trial_dir, run=run)
+    except Exception as err:
+        record_failure(trial_dir, cfg, err)
+        raise
     tune.report({"objective": results["accuracy"][spec.objective.metric],
+                 "finetune_epoch": cfg.finetune.epochs * spec.seeds,
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
-                 "retried": "retried" in results})
+                 "retried": bool(results.get("retried"))})
+
+
+def max_finetune_epochs(spec: SweepSpec, base: dict[str, Any]) -> int:
+    """The most fine-tuning epochs any trial runs (a scheduler's ``max_t``, per seed)."""
+    epochs = [trial_config(base, spec, point).finetune.epochs for point in spec.grid_points() or [{}]]
+    sampled = spec.space.get("finetune.epochs")
+    if spec.sampler == "tpe" and sampled is not None:
+        epochs.append(int(max(sampled.choice or sampled.int or sampled.uniform or sampled.loguniform)))
+    return max(epochs)
+
+
+def study_name(spec: SweepSpec, experiment: Path) -> str:
+    """The experiment's own Optuna study: two experiments sharing one --storage database never mix."""
+    return f"{spec.name}:{experiment}"
 
 
 def experiment_dir(spec: SweepSpec, out: str | None) -> Path:
@@ -277,6 +346,10 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     from ray.tune.search.optuna import OptunaSearch
 
     from mimir.config import parse_overrides
+
+    class FinalValueSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
     from mimir.runner import init_ray
 
     spec, base = load_spec(spec_path)
@@ -302,12 +375,13 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
                               "another folder")
         space, points, num_samples = _optuna_space(spec)
         storage = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
-        searcher = OptunaSearch(space, metric="objective", mode=spec.objective.mode, points_to_evaluate=points,
-                                sampler=optuna.samplers.TPESampler(seed=spec.seed), study_name=spec.name,
-                                storage=storage)
+        searcher = FinalValueSearch(space, metric="objective", mode=spec.objective.mode, points_to_evaluate=points,
+                                    sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                                    study_name=study_name(spec, experiment), storage=storage)
         scheduler = None
         if spec.scheduler is not None:
-            scheduler = ASHAScheduler(metric="objective", mode=spec.objective.mode,
+            scheduler = ASHAScheduler(time_attr="finetune_epoch", metric="objective", mode=spec.objective.mode,
+                                      max_t=max_finetune_epochs(spec, base) * spec.seeds,
                                       grace_period=spec.scheduler.grace_period,
                                       reduction_factor=spec.scheduler.reduction_factor)
         tuner = tune.Tuner(
@@ -332,6 +406,9 @@ def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:
     evaluates the objective and the table's columns."""
     for point in spec.grid_points() or [{}]:
         cfg = trial_config(base, spec, point)
+        if spec.scheduler is not None and not cfg.finetune.validation.images:
+            raise ConfigError(f"scheduler: steers on validation accuracy, but trial {point or 'base'} holds out "
+                              "none (finetune.validation.images is 0); set it, or remove the scheduler")
         wanted = {"objective.metric": [spec.objective.metric], "columns": spec.columns}
         for field, metrics in wanted.items():
             missing = [m for m in metrics if m not in cfg.evaluate.attacks]

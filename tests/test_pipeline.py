@@ -26,12 +26,15 @@ def test_mix_batch_makes_soft_targets_that_sum_to_one():
     import numpy as np
 
     batch = {"image": np.random.default_rng(0).integers(0, 255, (6, 3, 8, 8), dtype=np.uint8),
-             "label": np.arange(6) % 3}
-    for seed in range(4):
-        out = mix_batch(batch, 3, 0.8, 1.0, np.random.default_rng(seed))
+             "label": np.arange(6) % 3, "index": np.arange(6)}
+    outs = [mix_batch(batch, 3, 0.8, 1.0, seed) for seed in range(4)]
+    for out in outs:
         assert out["target"].shape == (6, 3)
         assert np.allclose(out["target"].sum(1), 1.0)
         assert out["image"].dtype == np.uint8
+    # seeded: the same seed mixes the same way, another seed differently
+    assert np.array_equal(mix_batch(batch, 3, 0.8, 1.0, 0)["image"], outs[0]["image"])
+    assert not all(np.array_equal(out["image"], outs[0]["image"]) for out in outs[1:])
 
 
 def test_ray_data_pipelines_deliver_tensors_in_order(ray_local, data_root):

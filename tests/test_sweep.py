@@ -17,9 +17,13 @@ from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
 from mimir.runner import NonFiniteRun
 from mimir.sweep import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
-                         run_with_retry)
+                         run_with_retry, study_name)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_of(path):
+    return load_spec(path)[0]
 
 
 def _spec(tmp_path, text):
@@ -38,6 +42,9 @@ def _spec(tmp_path, text):
     ("overrides: {evaluate.attacks: [natural]}\nrows: [{label: a}]\n", "objective.metric: pgd20 is not evaluated"),
     ("objective: {metric: natural}\ncolumns: [natural, pgd100]\nrows: [{label: a}]\n", "columns: pgd100 is not evaluated"),
     ("rows: [{label: a, set: {pretrain.mask_ratio: 2}}]\n", "pretrain.mask_ratio"),
+    ("scheduler: {type: asha}\nrows: [{label: a, set: {finetune.validation.images: 0}}]\n",
+     "finetune.validation.images is 0"),
+    ("seeds: 0\nrows: [{label: a}]\n", "seeds: Input should be greater than or equal to 1"),
 ])
 def test_spec_schema_rejects_bad_specs_with_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -68,6 +75,25 @@ def test_table_from_a_results_fixture_matches_the_paper_layout(tmp_path):
     assert "1 of 2 rows finished" in markdown
     assert (tmp_path / "table.csv").read_text().splitlines()[1].startswith("MIMIR λ=1e-5 HSIC,77.00,76.30,+0.70")
     assert r"\begin{tabular}" in (tmp_path / "table.tex").read_text()
+
+
+def test_a_seeded_table_shows_mean_and_spread_per_cell(tmp_path):
+    spec = SweepSpec.model_validate({
+        "name": "t7", "base": "x.yaml", "columns": ["natural", "pgd20"], "seeds": 3,
+        "rows": [{"label": "MIMIR", "set": {"pretrain.mi.weight": 1e-5}, "paper": {"natural": 76.30, "pgd20": 47.60}}]})
+    trial = {"config": {"pretrain": {"mi": {"weight": 1e-5}}}, "num_seeds": 3,
+             "accuracy": {"natural": 77.0, "pgd20": 47.1}, "accuracy_std": {"natural": 1.0, "pgd20": 0.25}}
+    (tmp_path / "trials" / "0").mkdir(parents=True)
+    (tmp_path / "trials" / "0" / "results.json").write_text(json.dumps(trial))
+    markdown = write_reports(spec, tmp_path)
+    assert markdown.splitlines()[2] == ("| Row | Natural ours | Natural paper | Δ | PGD-20 ours | PGD-20 paper | Δ "
+                                        "| seeds |")
+    assert "| MIMIR | 77.00 ± 1.00 | 76.30 | +0.70 | 47.10 ± 0.25 | 47.60 | -0.50 | 3 |" in markdown
+    assert "mean ± sample standard deviation over 3 seeds" in markdown
+    csv_lines = (tmp_path / "table.csv").read_text().splitlines()
+    assert csv_lines[0] == "row,Natural ours,Natural std,Natural paper,Δ,PGD-20 ours,PGD-20 std,PGD-20 paper,Δ,seeds"
+    assert csv_lines[1] == "MIMIR,77.00,1.00,76.30,+0.70,47.10,0.25,47.60,-0.50,3"
+    assert r"77.00 $\pm$ 1.00 & 76.30 & +0.70" in (tmp_path / "table.tex").read_text()
 
 
 def test_failed_rows_are_marked_with_their_reason(tmp_path):
@@ -164,7 +190,8 @@ def test_a_grid_sweep_records_every_trial_in_tune_and_optuna_and_resumes(ray_loc
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 4
     # the Optuna study holds the same four trials as Tune, with the same parameters and values
-    study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
+                              storage=f"sqlite:///{experiment / 'optuna.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4
     ours = sorted((r["config"]["pretrain"]["mi"]["weight"], r["config"]["finetune"]["blr"], r["accuracy"]["pgd20"])
@@ -176,12 +203,44 @@ def test_a_grid_sweep_records_every_trial_in_tune_and_optuna_and_resumes(ray_loc
     stamps = {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")}
     run_sweep(spec_path, out=str(tmp_path / "exp"), resume=True, run=fake_trial)
     assert {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")} == stamps
-    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
+    assert len(optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
+                              storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
     spec, _ = load_spec(spec_path)
     rows = table_rows(spec, [json.loads(p.read_text()) for p in stamps])
     assert all(r["ours"] for r in rows) and "4 of 4 rows finished" in markdown_table(spec, rows)
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
+
+
+def test_asha_steers_on_validation_and_never_stops_a_trial_before_its_evaluation(ray_local, tmp_path, fake_trial):
+    """Two fine-tuning epochs, ASHA rungs at 1 and 2 (= max_t): a trial reporting its last epoch to ASHA
+    would be stopped there, before its evaluation. Each point runs with two seeds."""
+    from ray import tune
+
+    spec_path = _spec(tmp_path, (
+        "overrides: {pretrain.enabled: false, finetune.epochs: 2, finetune.warmup_epochs: 0}\n"
+        "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\nseeds: 2\n"
+        "space: {finetune.blr: {grid: [1.0e-3, 2.0e-3]}}\n"))
+    experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
+    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    assert len(results) == 2  # both evaluated
+    for r in results:
+        assert r["num_seeds"] == 2 and r["seeds"] == [0, 1]
+        assert r["accuracy"]["pgd20"] == pytest.approx(51.5 + 1000 * r["config"]["finetune"]["blr"])  # + 1e5 * λ
+        assert r["accuracy_std"]["pgd20"] == pytest.approx(0.5 ** 0.5)
+        assert [run["config"]["seed"] for run in r["runs"]] == [0, 1]
+    assert len(list((experiment / "trials").glob("*/seed-1/results.json"))) == 2
+    histories = tune.ExperimentAnalysis(str(experiment / "tune")).trial_dataframes.values()
+    assert len(histories) == 2
+    for history in histories:
+        # validation epochs 1..3 of 4 (two seeds x two epochs), then the final evaluation at 4
+        assert history["finetune_epoch"].tolist() == [1, 2, 3, 4]
+        assert history["objective"].tolist()[:3] == [30.0, 30.0, 30.0]  # val_pgd, not training accuracy
+        assert history["objective"].tolist()[3] == history["accuracy_pgd20"].tolist()[3]
+    study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
+                              storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert all(t.intermediate_values == {} for t in study.trials)  # Optuna sees final values only
+    assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
 
 
 def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path):
@@ -200,7 +259,8 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
     assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
     assert all(0 <= r["accuracy"]["pgd20"] <= r["accuracy"]["natural"] <= 100 for r in results)
     assert all(r["pretrain"]["metrics"]["mi_share"] > 0 for r in results)
-    study = optuna.load_study(study_name="t", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
+                              storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
 
 
@@ -236,5 +296,6 @@ def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_loc
     assert len(results) == 3  # none lost
     assert {p: p.stat().st_mtime for p in done} == done  # finished trials were not rerun
     assert sorted(r["config"]["finetune"]["blr"] for r in results.values()) == [1.0e-3, 2.0e-3, 3.0e-3]
-    study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'optuna.db'}")
+    study = optuna.load_study(study_name=study_name(spec_of(spec_path), out),
+                              storage=f"sqlite:///{out / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3

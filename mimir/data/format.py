@@ -1,7 +1,9 @@
 """The prepared-dataset format: sharded Parquet folders described by a manifest.
 
 A prepared dataset ``<out_dir>/<name>/`` holds ``<split>/part-NNNNN.parquet`` shards with
-columns ``image`` (binary) and ``label`` (int64), plus ``manifest.json``, which is written
+columns ``image`` (binary), ``label`` (int64) and ``index`` (int64: the row's position in its split,
+a stable name for it that random augmentation and the validation hold-out are keyed on), plus
+``manifest.json``, which is written
 last: a folder without it is never a dataset. ``image`` is either raw uint8 HWC RGB bytes
 (``"raw"`` encoding: CIFAR-10, Tiny-ImageNet, digits, generated data) or the original
 JPEG/PNG file bytes (``"encoded"``: ImageNet-1K). Rows are stored in a seeded random order
@@ -28,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ``index`` column
 MANIFEST_NAME = "manifest.json"
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 
 _ROW_GROUP_ROWS = 1024  # bounds writer memory: an ImageNet shard would otherwise sit in RAM whole
 _MANIFEST_KEYS = ("name", "format_version", "encoding", "image_shape", "num_classes", "classes",
@@ -254,7 +256,7 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
         # Min/max statistics of image bytes are useless and large, so keep them for labels only.
         with pq.ParquetWriter(root / rel, SCHEMA, write_statistics=["label"]) as writer:
             while batch:
-                writer.write_table(_to_table(batch))
+                writer.write_table(_to_table(batch, first_index=total + in_shard))
                 in_shard += len(batch)
                 batch = list(islice(rows, min(rows_per_shard - in_shard, _ROW_GROUP_ROWS)))
         total += in_shard
@@ -263,9 +265,10 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
     return {"num_rows": total, "files": files, "sha256": digests}
 
 
-def _to_table(batch: list[Row]) -> pa.Table:
+def _to_table(batch: list[Row], first_index: int) -> pa.Table:
     images, labels = zip(*batch)
-    return pa.Table.from_arrays([pa.array(images, pa.binary()), pa.array(labels, pa.int64())],
+    index = pa.array(np.arange(first_index, first_index + len(batch), dtype=np.int64))
+    return pa.Table.from_arrays([pa.array(images, pa.binary()), pa.array(labels, pa.int64()), index],
                                 schema=SCHEMA)
 
 
@@ -285,7 +288,10 @@ def _manifest_problem(manifest: Any) -> str | None:
     if missing:
         return f"missing keys {missing}"
     if manifest["format_version"] != FORMAT_VERSION:
-        return f"unsupported format_version {manifest['format_version']!r} (expected {FORMAT_VERSION})"
+        older = isinstance(manifest["format_version"], int) and manifest["format_version"] < FORMAT_VERSION
+        return (f"format_version {manifest['format_version']!r}, this mimir reads {FORMAT_VERSION}"
+                + ("; it was prepared by an earlier mimir: prepare it again with `mimir data prepare ... "
+                   "--overwrite`" if older else ""))
     shape = manifest["image_shape"]
     if manifest["encoding"] == "raw":
         if not (isinstance(shape, list) and len(shape) == 3

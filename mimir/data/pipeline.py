@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 import torchvision.transforms.v2 as T
@@ -61,16 +63,41 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy of the buffer
 
 
-def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool) -> Batch:
-    """Decode + RandomResizedCrop + horizontal flip (+ RandAugment), per image."""
+def data_epoch() -> int:
+    """The epoch the calling Ray Data task works for: its dataset's execution counter, which Ray
+    Data's own seeded file and block shuffles are keyed on too, and which :func:`train_dataset`
+    starts at the epoch a run (re)starts from. (A private attribute, read by Ray's public seeded
+    operators the same way; ``tests/test_data_order.py`` fails if it stops counting epochs.)"""
+    return ray.data.DataContext.get_current()._execution_idx
+
+
+def row_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one row's random draws in one epoch: keyed on the row's stored index, so it does
+    not depend on which block, task, worker or node processed the row."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0])
+
+
+def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool, seed: int,
+                    holdout: np.ndarray | None = None) -> Batch:
+    """Drop held-out validation rows, then decode + RandomResizedCrop + horizontal flip
+    (+ RandAugment) per image, each image's draws seeded by :func:`row_seed`."""
+    if holdout is not None and len(holdout):
+        keep = ~np.isin(batch["index"], holdout)
+        batch = {key: value[keep] for key, value in batch.items()}
     ops = [T.RandomResizedCrop(data.img_size, scale=data.crop_scale, antialias=True)]
     if data.hflip:
         ops.append(T.RandomHorizontalFlip())
     if randaugment:
         ops.append(T.RandAugment(num_ops=2, magnitude=9))
     transform = T.Compose(ops)
-    images = [transform(_chw(img)) for img in decode(batch["image"], manifest)]
-    return {"image": torch.stack(images).numpy(), "label": batch["label"].astype(np.int64)}
+    epoch, images = data_epoch(), []
+    with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global generator
+        for image, index in zip(decode(batch["image"], manifest), batch["index"]):
+            torch.manual_seed(row_seed(seed, epoch, int(index)))
+            images.append(transform(_chw(image)))
+    stacked = (torch.stack(images).numpy() if images
+               else np.zeros((0, 3, data.img_size, data.img_size), dtype=np.uint8))
+    return {"image": stacked, "label": batch["label"].astype(np.int64), "index": batch["index"]}
 
 
 def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int) -> Batch:
@@ -81,13 +108,16 @@ def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int) -> Bat
         if x.shape[-2:] != (img_size, img_size):
             x = TF.center_crop(TF.resize(x, img_size, antialias=True), img_size)
         out.append(x)
-    return {"image": torch.stack(out).numpy(), "label": batch["label"].astype(np.int64)}
+    stacked = torch.stack(out).numpy() if out else np.zeros((0, 3, img_size, img_size), dtype=np.uint8)
+    return {"image": stacked, "label": batch["label"].astype(np.int64)}
 
 
-def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-              rng: np.random.Generator | None = None) -> Batch:
-    """MixUp or CutMix (chosen 50/50 per batch) with the batch reversed as partner; adds ``target``."""
-    rng = rng or np.random.default_rng()
+def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: float, seed: int) -> Batch:
+    """MixUp or CutMix (chosen 50/50 per batch) with the batch reversed as partner; adds ``target``.
+    The draws are seeded by the epoch and the batch's first row, so they repeat with the run."""
+    if len(batch["label"]) == 0:
+        return {**batch, "target": np.zeros((0, num_classes), dtype=np.float32)}
+    rng = np.random.default_rng([seed, data_epoch(), int(batch["index"][0])])
     images = batch["image"].astype(np.float32)
     onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
@@ -104,7 +134,7 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
     else:
         images = lam * images + (1 - lam) * partner
     return {"image": np.rint(images).clip(0, 255).astype(np.uint8), "label": batch["label"],
-            "target": lam * onehot + (1 - lam) * onehot[::-1]}
+            "index": batch["index"], "target": lam * onehot + (1 - lam) * onehot[::-1]}
 
 
 CACHE_FRACTION = 0.25  # of the cluster's object store, for ``cache_in_memory: null``
@@ -130,13 +160,18 @@ def _per_epoch(seed: int) -> ray.data.RandomSeedConfig:
     return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0,
-                  batch_size: int | None = None, generated_dir: Path | None = None) -> ray.data.Dataset:
-    """The augmented training split; for fine-tuning optionally mixed with generated data and
-    MixUp / CutMix / RandAugment as ``data.augment`` says.
+def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0, start_epoch: int = 0,
+                  holdout: np.ndarray | None = None, batch_size: int | None = None,
+                  generated_dir: Path | None = None) -> ray.data.Dataset:
+    """The augmented training split (less the ``holdout`` rows, the validation split); for
+    fine-tuning optionally mixed with generated data and MixUp / CutMix / RandAugment as
+    ``data.augment`` says.
 
-    Order: the files (uncached) or blocks (cached) come in a new seeded order every epoch; the
-    workers' local shuffle buffer (:func:`epoch_batches`) then mixes rows across blocks."""
+    Every epoch is a function of (seed, epoch): the files (uncached) or blocks (cached) come in a
+    seeded order, rows keep that order (``preserve_order``, so not the order tasks finish in), and
+    each row's augmentation is seeded by :func:`row_seed`; the workers' seeded local shuffle buffer
+    (:func:`epoch_batches`) then mixes rows across blocks. The first execution is epoch
+    ``start_epoch``, so a resumed run reads what the uninterrupted run would have read."""
     manifest = load_manifest(dataset_dir)
     ds = read_split(dataset_dir, "train", data.cache_in_memory, seed=seed)
     if isinstance(ds, MaterializedDataset):
@@ -145,11 +180,22 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
         ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory, seed)
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
     ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
-        manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug"))
+        manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug", seed=seed,
+        holdout=holdout))
     if finetune and data.augment in ("mix", "randaug"):
         ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=dict(
-            num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha))
+            num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
+            seed=seed))
+    ds.context._execution_idx = start_epoch  # see data_epoch
+    ds.context.execution_options.preserve_order = True
     return ds
+
+
+GENERATED_INDEX_OFFSET = 1 << 40  # generated rows' indices, apart from the real rows' own
+
+
+def _generated_index(batch: Batch) -> Batch:
+    return {**batch, "index": batch["index"] + GENERATED_INDEX_OFFSET}
 
 
 def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_dir: Path,
@@ -162,10 +208,45 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     n_real = sum(s["num_rows"] for name, s in manifest["splits"].items() if name == "train")
     n_gen_available = gen_manifest["splits"]["train"]["num_rows"]
     wanted = int(round(n_real * fraction / (1 - fraction)))
-    generated = read_split(generated_dir, "train", cache_in_memory, seed=seed)
+    generated = read_split(generated_dir, "train", cache_in_memory, seed=seed).map_batches(_generated_index)
     if wanted < n_gen_available:
         generated = generated.random_sample(wanted / n_gen_available, seed=_per_epoch(seed))
     return real.union(generated).random_shuffle(seed=_per_epoch(seed))
+
+
+def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
+    """The validation split: ``images`` training rows (sorted stored indices), stratified (each
+    class in proportion to its share of the split, largest remainders first) and seeded. Reads only
+    the label and index columns."""
+    if images == 0:
+        return np.zeros(0, dtype=np.int64)
+    files = split_files(dataset_dir, "train")
+    table = pa.concat_tables([pq.read_table(f, columns=["label", "index"]) for f in files])
+    labels, indices = table.column("label").to_numpy(), table.column("index").to_numpy()
+    if images >= len(labels):
+        raise DatasetError(f"{dataset_dir}: finetune.validation.images {images} leaves no training rows "
+                           f"(the train split has {len(labels)})")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * images / len(labels)
+    per_class = np.floor(quota).astype(int)
+    extra = np.argsort(-(quota - per_class), kind="stable")[:images - per_class.sum()]
+    per_class[extra] += 1
+    rng = np.random.default_rng([seed, 0x7A11D])
+    chosen = [rng.choice(indices[labels == c], size=n, replace=False) for c, n in zip(classes, per_class)]
+    return np.sort(np.concatenate(chosen))
+
+
+def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray) -> ray.data.Dataset:
+    """The held-out training rows, decoded and resized as the test split is (no augmentation)."""
+    manifest = load_manifest(dataset_dir)
+    ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
+    return ds.map_batches(_held_out, batch_size=256, fn_kwargs=dict(
+        manifest=manifest, img_size=data.img_size, holdout=holdout))
+
+
+def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, holdout: np.ndarray) -> Batch:
+    keep = np.isin(batch["index"], holdout)
+    return eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size)
 
 
 def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, epoch: int, rank: int,

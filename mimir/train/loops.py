@@ -8,7 +8,9 @@ function per batch, and ``ray.train.report`` the epoch's metrics with a checkpoi
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,9 +18,11 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
 from mimir.data.pipeline import epoch_batches
 from mimir.mi import MIPenalty
@@ -61,10 +65,20 @@ def no_effect_warning(report: dict[str, float], warmup_epochs: float) -> str | N
             "lambdas were tuned with (pretrain.mi.estimator=hsic_cca).")
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The worker's torch seed for one epoch (masks, attack starts, drop path): drawn anew per epoch,
+    so a run resumed at epoch k draws what the uninterrupted run drew, with no saved RNG state."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
+
+
 def _worker_setup(cfg: RunConfig) -> torch.device:
     ctx = ray.train.get_context()
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
     logging.getLogger().setLevel(logging.WARNING)
+    if cfg.scaling.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     return ray.train.torch.get_device()
@@ -73,11 +87,15 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
 def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int,
                   step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
-                  probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None) -> None:
+                  probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None,
+                  validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 1) -> None:
     """The epoch loop shared by both stages: schedule, shard iteration, metrics, checkpoints.
 
     ``probe`` measures per-epoch values on the epoch's first batch, before its step; it must leave
-    the training state and random stream as they were (``mi_gradient_share`` does)."""
+    the training state and random stream as they were (``mi_gradient_share`` does). ``validate``
+    runs every ``validate_every`` epochs and after the last; those epochs always checkpoint, scored
+    by ``checkpoint_score`` (the validation metric; -inf on other checkpoints) so Ray Train keeps the
+    best one beside the latest."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -94,6 +112,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
     local_batch = optim_cfg.batch_size // world
     warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         model.train()
         sums: Metrics = {}
         epoch_values: Metrics = {}
@@ -121,9 +140,16 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         if probe is not None:
             report["probe_seconds"] = probe_seconds
         last = epoch == optim_cfg.epochs - 1
+        validated = validate is not None and (last or (epoch + 1) % validate_every == 0)
+        if validated:
+            started = time.perf_counter()
+            report.update(validate())
+            report["validation_seconds"] = time.perf_counter() - started
+        if validate is not None:
+            report["checkpoint_score"] = report["val_pgd"] if validated else float("-inf")
         if rank == 0:
-            shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "mse", "mi_term", "mi_share", "acc")
-                             if k in report)
+            shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "mse", "mi_term", "mi_share", "acc",
+                                                               "val_natural", "val_pgd") if k in report)
             skipped = f" skipped {report['skipped'] * steps:.0f}" if report.get("skipped") else ""
             print(f"[{stage}] epoch {epoch + 1}/{optim_cfg.epochs} {shown} lr {lr:.3g} "
                   f"{report['images_per_second']:.0f} img/s{skipped}", flush=True)
@@ -131,7 +157,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             if warning:
                 warned_no_effect = True
                 print(f"[{stage}] {warning}", flush=True)
-        if last or (epoch + 1) % optim_cfg.checkpoint_every == 0:
+        if last or validated or (epoch + 1) % optim_cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
@@ -166,6 +192,28 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                   {"pretrain_hash": cfg.pretrain_hash()}, probe=probe if penalty else None)
 
 
+def validation_accuracy(model: torch.nn.Module, shard: Any, cfg: RunConfig,
+                        device: torch.device) -> dict[str, float]:
+    """Natural and PGD-k accuracy (%) on the validation split, each worker on its shard, summed
+    over the workers. The attack runs on the bare model, so no DDP gradient sync is involved."""
+    net, ev, steps = unwrap(model), cfg.evaluate, cfg.finetune.validation.attack_steps
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device=device):
+        x, y = batch["image"].float().div_(255), batch["label"]
+        adv = attacks.pgd_ce(net, x, y, ev.eps, ev.step_size, steps)
+        with torch.no_grad():
+            counts += torch.stack([(net(x).argmax(1) == y).sum(), (net(adv).argmax(1) == y).sum(),
+                                   torch.tensor(len(y), device=device)]).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    net.train()
+    natural, robust, total = counts.tolist()
+    if total == 0:
+        raise RuntimeError("the validation split gave no images")
+    return {"val_natural": 100.0 * natural / total, "val_pgd": 100.0 * robust / total}
+
+
 def finetune_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the fine-tuning TorchTrainer, starting from a pre-trained encoder."""
     cfg = RunConfig.model_validate(config["run"])
@@ -184,5 +232,10 @@ def finetune_worker(config: dict[str, Any]) -> None:
         labels = batch["target"] if "target" in batch else batch["label"]
         return finetune_step(model, optimizer, images, labels, cfg.finetune, precision)
 
+    validate = None
+    if cfg.finetune.validation.images:
+        validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard("val"), cfg, device)
+
     _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"], step,
-                  {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path})
+                  {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path},
+                  validate=validate, validate_every=cfg.finetune.validation.every)

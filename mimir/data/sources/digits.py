@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from mimir.data.format import DatasetError, DatasetSpec, default_data_dir, is_prepared, write_dataset
+from mimir.data.format import (MANIFEST_NAME, DatasetError, DatasetSpec, default_data_dir, is_prepared,
+                               write_dataset)
 
 DIGITS_SHAPE = (16, 16, 3)
 DIGITS_CLASSES = [str(i) for i in range(10)]
@@ -47,8 +48,10 @@ def ensure_digits(cache_dir: str | Path | None = None) -> Path:
     target = root / "digits"
     if is_prepared(target):
         return target
+    # a cache from an earlier format (or a half-removed one) is rebuilt: it takes a second
+    stale = (target / MANIFEST_NAME).is_file()
     try:
-        return write_dataset(digits_spec(), target, source=DIGITS_SOURCE)
+        return write_dataset(digits_spec(), target, source=DIGITS_SOURCE, overwrite=stale)
     except DatasetError:
         # Losing a race to another process is fine: its copy is identical to ours.
         if is_prepared(target):
