@@ -232,7 +232,9 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
               "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash(),
               "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)}
     if scored and result.best_checkpoints:
-        best, metrics = max(reversed(result.best_checkpoints), key=lambda pair: pair[1]["checkpoint_score"])
+        # the highest score; on a tie the later epoch
+        best, metrics = max(result.best_checkpoints,
+                            key=lambda pair: (pair[1]["checkpoint_score"], pair[1]["epoch"]))
         record.update(best_checkpoint=_relative(best), best_metrics=metrics)
     _write_stage_record(storage, name, record)
     return stage_checkpoint(storage, record)

@@ -56,6 +56,10 @@ def _run(tmp_path: Path, data_root: Path, name: str, seed: int = 0, stop_after: 
 def test_a_seed_fixes_the_run_and_a_resumed_run_continues_it(ray_local, data_root, tmp_path):
     first, epochs = _run(tmp_path, data_root, "a")
     assert [e["epoch"] for e in epochs] == [0, 1] and all("val_pgd" in e for e in epochs)
+    # the best robust-validation checkpoint is kept and evaluated (the later one on a tie)
+    best = max(reversed(epochs), key=lambda e: e["val_pgd"])
+    assert first["finetune"]["best_metrics"]["epoch"] == best["epoch"]
+    assert first["evaluated_checkpoint"].endswith(first["finetune"]["best_checkpoint"])
 
     # the same seed again, stopped after fine-tuning epoch 0 (as a killed driver), then resumed:
     # every epoch, the best checkpoint and the test accuracies as in the uninterrupted run

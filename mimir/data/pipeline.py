@@ -237,11 +237,13 @@ def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
 
 
 def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray) -> ray.data.Dataset:
-    """The held-out training rows, decoded and resized as the test split is (no augmentation)."""
+    """The held-out training rows, decoded and resized as the test split is (no augmentation), read
+    into the object store once: the rows lie all over the shards, and a scan per validation would
+    read the whole training split each time."""
     manifest = load_manifest(dataset_dir)
     ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
     return ds.map_batches(_held_out, batch_size=256, fn_kwargs=dict(
-        manifest=manifest, img_size=data.img_size, holdout=holdout))
+        manifest=manifest, img_size=data.img_size, holdout=holdout)).materialize()
 
 
 def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, holdout: np.ndarray) -> Batch:
