@@ -34,6 +34,7 @@ from mimir.memory import PrivateMemoryPeak
 from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
+HISTORY = "metrics.jsonl"  # a stage's per-epoch metrics, one JSON line per epoch (train.loops.EpochHistory)
 FAILED = "failed.json"  # where a run's results would be: why it has none
 STAGES = ("pretrain", "finetune", "evaluate")
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
@@ -106,6 +107,15 @@ def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
         return None
     with fs.open_input_stream(path) as stream:
         return json.loads(stream.read())
+
+
+def read_history(storage: str, name: str) -> list[dict[str, Any]]:
+    """A stage's per-epoch metrics (``metrics.jsonl``), oldest first; empty before its first epoch."""
+    fs, path = _fs(_join(storage, name, HISTORY))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(path) as stream:
+        return [json.loads(line) for line in stream.read().decode().splitlines()]
 
 
 def _write_stage_record(storage: str, name: str, record: dict[str, Any]) -> None:
@@ -210,7 +220,7 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
     first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
     trainer = ray.train.torch.TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "history": _join(storage, name, HISTORY)},
         scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(
             name=name,

@@ -1,77 +1,112 @@
-"""Same seed, same run: through the whole Ray pipeline (Ray Data reads and augmentations, Ray Train
-workers, validation, evaluation), a seed fixes every per-epoch loss and accuracy; another seed
-changes them; a run stopped after an epoch and resumed ends exactly as the uninterrupted one.
+"""`mimir run` end to end, and what its seed fixes: through the whole Ray pipeline (Ray Data reads
+and augmentations, Ray Train workers, validation, evaluation) a seed fixes every per-epoch metric
+and accuracy; a run killed mid-stage and resumed ends exactly as the uninterrupted one; another seed
+changes the run.
 """
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import ray.cloudpickle
-import ray.train
-
-from mimir.config import load_config
-from mimir.runner import STAGES, run_stages
+import torch
 
 from conftest import quick_overrides
+from mimir import cli, runner
+from mimir.config import load_config
+from mimir.data.pipeline import eval_dataset, resolve_dataset
+from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.train.checkpoint import load_state
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
-class EpochLog(ray.train.UserCallback):
-    """Appends every report's metrics to a JSON-lines file (callbacks run in Ray Train's controller);
-    with ``stop_after`` set, the controller fails after that epoch's report, as a killed driver would."""
-
-    def __init__(self, path: Path, stop_after: int | None = None):
-        self.path, self.stop_after = path, stop_after
-
-    def after_report(self, run_context, metrics, checkpoint):
-        report = {k: v for k, v in metrics[0].items() if k not in ("seconds", "images_per_second",
-                                                                   "validation_seconds")}
-        with open(self.path, "a") as log:
-            log.write(json.dumps(report) + "\n")
-        if self.stop_after is not None and report["epoch"] == self.stop_after:
-            raise RuntimeError("stopped on purpose")
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+TIMINGS = {"seconds", "images_per_second", "validation_seconds", "probe_seconds"}
 
 
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's controller can't import tests/
+def _args(out: Path, data_root: Path, seed: int = 0) -> list[str]:
+    return [str(QUICKSTART), *quick_overrides(out, data_root, pretrain_epochs=2, finetune_epochs=2),
+            f"seed={seed}", "finetune.validation.every=1", "finetune.checkpoint_every=1"]
 
 
-def _config(tmp_path: Path, data_root: Path, name: str, seed: int = 0):
-    overrides = quick_overrides(tmp_path / name, data_root, pretrain_epochs=1, finetune_epochs=2)
-    return load_config(QUICKSTART, overrides + [f"seed={seed}", "finetune.validation.every=1",
-                                                "finetune.checkpoint_every=1", "evaluate.num_images=32"])
+def _history(out: Path, stage: str) -> list[dict]:
+    """The stage's per-epoch metrics, less the wall-clock ones."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in runner.read_history(str(out), stage)]
 
 
-def _run(tmp_path: Path, data_root: Path, name: str, seed: int = 0, stop_after: int | None = None,
-         resume: bool = False, stages: tuple[str, ...] = STAGES) -> tuple[dict, list[dict]]:
-    cfg = _config(tmp_path, data_root, name, seed)
-    log = tmp_path / f"{name}.jsonl"
-    results = run_stages(cfg, stages, storage=str(tmp_path / name), resume=resume,
-                         callbacks=[EpochLog(log, stop_after)])
-    return results, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:
+    """`mimir run` in a process of its own (its own local Ray), killed hard once fine-tuning has
+    written the checkpoint of its first epoch."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", "run", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "finetune").glob("checkpoint_*/state.json")):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() < deadline, "no fine-tuning checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
-def test_a_seed_fixes_the_run_and_a_resumed_run_continues_it(ray_local, data_root, tmp_path):
-    first, epochs = _run(tmp_path, data_root, "a")
-    assert [e["epoch"] for e in epochs] == [0, 1] and all("val_pgd" in e for e in epochs)
-    # the best robust-validation checkpoint is kept and evaluated (the later one on a tie)
-    best = max(reversed(epochs), key=lambda e: e["val_pgd"])
-    assert first["finetune"]["best_metrics"]["epoch"] == best["epoch"]
-    assert first["evaluated_checkpoint"].endswith(first["finetune"]["best_checkpoint"])
+def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_resume(
+        ray_local, data_root, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert cli.main(["run", *_args(out, data_root)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
+    # the MI penalty's size and its share of the encoder gradient in every pre-training epoch line,
+    # validation in every fine-tuning one
+    pretrain_lines = [line for line in printed.splitlines() if "[pretrain] epoch" in line]
+    assert len(pretrain_lines) == 2 and all("mi_term" in line and "mi_share" in line for line in pretrain_lines)
+    assert all("val_pgd" in line for line in printed.splitlines() if "[finetune] epoch" in line)
+    assert "no effect" not in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"natural", "pgd20"} and results["num_images"] == 64
+    assert results["pretrain"]["metrics"]["epoch"] == 1 and results["finetune"]["metrics"]["epoch"] == 1
+    pretrain_metrics = results["pretrain"]["metrics"]
+    assert pretrain_metrics["mi_share"] > 1e-5 and pretrain_metrics["probe_seconds"] > 0
+    assert pretrain_metrics["mi_term"] == pytest.approx(1e-5 * pretrain_metrics["mi"], rel=1e-6)
+    finetune_epochs = _history(out, "finetune")
+    assert [e["epoch"] for e in finetune_epochs] == [0, 1] and len(_history(out, "pretrain")) == 2
+    assert results["validation"]["images"] == 40 == len(results["validation"]["indices"])
+    # the best robust-validation checkpoint (the later one on a tie) is kept and is what was evaluated
+    best = max(reversed(finetune_epochs), key=lambda e: e["val_pgd"])
+    assert results["finetune"]["best_metrics"]["epoch"] == best["epoch"]
+    assert results["evaluated_checkpoint"].endswith(results["finetune"]["best_checkpoint"])
+    # re-evaluate that checkpoint here: the numbers in results.json are that model's
+    cfg = load_config(QUICKSTART, _args(out, data_root)[1:])
+    checkpoint = runner.stage_checkpoint(runner.storage_root(cfg), results["finetune"], "best")
+    with checkpoint.as_directory() as directory:
+        model = load_classifier(directory, cfg)
+        assert load_state(directory)["num_classes"] == 10
+    test = eval_dataset(resolve_dataset(cfg.data), cfg.data, 64).take_batch(64)
+    natural_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"attacks": ["natural"]})})
+    natural = evaluate_classifier(model, torch.from_numpy(test["image"]).float() / 255,
+                                  torch.from_numpy(test["label"]), natural_only)
+    assert natural["accuracy"]["natural"] == pytest.approx(results["accuracy"]["natural"])
+    # a second `run` on the same output_dir reuses the finished stages instead of training again
+    assert cli.main(["run", *_args(out, data_root)]) == 0
+    assert "already finished" in capsys.readouterr().out
 
-    # the same seed again, stopped after fine-tuning epoch 0 (as a killed driver), then resumed:
-    # every epoch, the best checkpoint and the test accuracies as in the uninterrupted run
-    with pytest.raises(Exception, match="stopped on purpose"):
-        _run(tmp_path, data_root, "b", stop_after=0)
-    resumed, resumed_epochs = _run(tmp_path, data_root, "b", resume=True)
-    assert [e["epoch"] for e in resumed_epochs] == [0, 1]  # the log holds both attempts
-    assert resumed_epochs == epochs
-    assert resumed["pretrain"]["metrics"]["loss"] == first["pretrain"]["metrics"]["loss"]
-    assert resumed["accuracy"] == first["accuracy"]
-    assert resumed["validation"] == first["validation"]
-    assert resumed["finetune"]["best_metrics"]["epoch"] == first["finetune"]["best_metrics"]["epoch"]
+    # the same seed in another folder, killed after its first fine-tuning epoch, then resumed:
+    # every epoch of both stages, the best checkpoint and the test accuracies as in the first run
+    again = tmp_path / "b"
+    _kill_after_first_finetune_checkpoint(_args(again, data_root), again)
+    assert runner.read_stage_record(str(again), "finetune") is None  # it really was cut short
+    assert cli.main(["run", *_args(again, data_root), "--resume"]) == 0
+    resumed = json.loads((again / "results.json").read_text())
+    assert _history(again, "pretrain") == _history(out, "pretrain")
+    assert _history(again, "finetune") == finetune_epochs
+    assert resumed["accuracy"] == results["accuracy"] and resumed["validation"] == results["validation"]
+    assert resumed["finetune"]["best_metrics"]["epoch"] == results["finetune"]["best_metrics"]["epoch"]
 
-    other, _ = _run(tmp_path, data_root, "c", seed=1, stages=("pretrain",))
-    assert other["pretrain"]["metrics"]["loss"] != first["pretrain"]["metrics"]["loss"]
+    # another seed: other pre-training losses
+    other = tmp_path / "c"
+    assert cli.main(["pretrain", *_args(other, data_root, seed=1)]) == 0
+    assert [e["loss"] for e in _history(other, "pretrain")] != [e["loss"] for e in _history(out, "pretrain")]

@@ -1,21 +1,15 @@
-"""The Ray pipeline end to end: TorchTrainer stages over Ray Data, evaluation, results.json, resume."""
+"""The Ray pipeline's parts: Ray Data pipelines, DDP on CPU, stage refusals, streaming evaluation
+(`mimir run` end to end, resume and seeds: tests/test_determinism.py)."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import quick_overrides
-from mimir import cli, runner
+from mimir import runner
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, mix_batch, resolve_dataset, train_dataset
-from mimir.evaluate import evaluate_classifier, load_classifier
 from mimir.train.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,37 +65,6 @@ def test_cached_split_is_read_once_and_still_augmented_anew_each_epoch(ray_local
     assert isinstance(pipeline.read_split(copy, "train", True), MaterializedDataset)
 
 
-def test_mimir_run_writes_results_that_come_from_the_run(ray_local, data_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0
-    printed = capsys.readouterr().out
-    assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
-    # the MI penalty's size and its share of the encoder gradient, in every pre-training epoch line
-    epoch_lines = [line for line in printed.splitlines() if "[pretrain] epoch" in line]
-    assert len(epoch_lines) == 2 and all("mi_term" in line and "mi_share" in line for line in epoch_lines)
-    assert "no effect" not in printed
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["accuracy"]) == {"natural", "pgd20"} and results["num_images"] == 64
-    assert results["pretrain"]["metrics"]["epoch"] == 1 and results["finetune"]["metrics"]["epoch"] == 0
-    pretrain_metrics = results["pretrain"]["metrics"]
-    assert pretrain_metrics["mi_share"] > 1e-5 and pretrain_metrics["probe_seconds"] > 0
-    assert pretrain_metrics["mi_term"] == pytest.approx(1e-5 * pretrain_metrics["mi"], rel=1e-6)
-    # re-evaluate the fine-tuned checkpoint here: the numbers in results.json are that model's
-    cfg = load_config(QUICKSTART, quick_overrides(out, data_root))
-    checkpoint = runner.stage_checkpoint(runner.storage_root(cfg), results["finetune"])
-    with checkpoint.as_directory() as directory:
-        model = load_classifier(directory, cfg)
-        assert load_state(directory)["num_classes"] == 10
-    test = eval_dataset(resolve_dataset(cfg.data), cfg.data, 64).take_batch(64)
-    images = torch.from_numpy(test["image"]).float() / 255
-    natural = evaluate_classifier(model, images, torch.from_numpy(test["label"]),
-                                  cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"attacks": ["natural"]})}))
-    assert natural["accuracy"]["natural"] == pytest.approx(results["accuracy"]["natural"])
-    # a second `run` on the same output_dir reuses the finished stages instead of training again
-    assert cli.main(["run", str(QUICKSTART), *quick_overrides(out, data_root)]) == 0
-    assert "already finished" in capsys.readouterr().out
-
-
 def test_two_worker_trainer_runs_ddp_on_cpu(ray_local, data_root, tmp_path):
     # Eq. 29 HSIC at the paper's lambda: the run measures that its penalty does nothing
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root, pretrain_epochs=1) + [
@@ -120,30 +83,6 @@ def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):
     (tmp_path / "pretrain").mkdir(parents=True)
     with pytest.raises(runner.StageExistsError, match="--resume"):
         runner.run_pretrain(cfg)
-
-
-def test_resume_after_interruption_reaches_the_same_final_epoch(ray_local, data_root, tmp_path):
-    """Kill a real `mimir pretrain` after its first checkpoint, then `--resume` it."""
-    epochs = 4
-    args = ["pretrain", str(QUICKSTART), *quick_overrides(tmp_path, data_root, pretrain_epochs=epochs)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not list((tmp_path / "pretrain").glob("checkpoint_*/state.json")):
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert runner.read_stage_record(str(tmp_path), "pretrain") is None  # it really was cut short
-    cfg = load_config(QUICKSTART, args[2:])
-    checkpoint = runner.run_pretrain(cfg, resume=True)
-    with checkpoint.as_directory() as directory:
-        assert load_state(directory)["epoch"] == epochs - 1
-    assert runner.read_stage_record(str(tmp_path), "pretrain")["metrics"]["epoch"] == epochs - 1
 
 
 def test_evaluation_streams_a_large_test_split_in_stored_order(ray_local, tmp_path):

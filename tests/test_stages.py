@@ -110,3 +110,21 @@ def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path,
     assert not (out / "results.json").exists()
     failed = json.loads((out / "failed.json").read_text())
     assert "loss nan" in failed["reason"] and failed["config"]["output_dir"] == str(out)
+
+
+def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path):
+    """Ray Train calls the dataset factory at every worker-group start: the first start gets the
+    dataset built up front, a restart one rebuilt at the epoch after the newest checkpoint."""
+    built = []
+
+    def datasets(start_epoch):
+        built.append(start_epoch)
+        return {"train": f"data from epoch {start_epoch}"}
+
+    factory = runner._restart_aware(datasets, str(tmp_path), "finetune", "train", "first")
+    assert factory() == "first" and built == []  # nothing on disk yet
+    for name, epoch in (("checkpoint_2026-01-01_00-00-01", 2), ("checkpoint_2026-01-01_00-00-02", 4)):
+        (tmp_path / "finetune" / name).mkdir(parents=True)
+        (tmp_path / "finetune" / name / "state.json").write_text(json.dumps({"epoch": epoch}))
+    assert factory() == "data from epoch 5" and built == [5]
+    assert runner.resume_epoch(str(tmp_path), "pretrain") == 0
