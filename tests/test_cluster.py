@@ -272,11 +272,12 @@ def _descendants(pid: int) -> dict[int, str]:
 
 
 def _stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM makes `ray start --block` shut its Ray processes down; whatever outlives that is killed by id."""
+    """SIGTERM makes `ray start --block` shut its Ray processes down; whatever outlives a few seconds of
+    that (its graceful shutdown takes ~30 s) is killed by id: the cluster's folder goes with the test."""
     family = _descendants(head.pid)
     head.terminate()
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
