@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -251,9 +252,8 @@ def combine_seeds(cfg: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
     accuracy, the count, and every run's own results."""
     metrics = sorted(set.intersection(*(set(r["accuracy"]) for r in runs)))
     values = {m: [r["accuracy"][m] for r in runs] for m in metrics}
-    mean = {m: sum(v) / len(v) for m, v in values.items()}
-    std = {m: (sum((x - mean[m]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-           for m, v in values.items()}
+    mean = {m: statistics.mean(v) for m, v in values.items()}
+    std = {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in values.items()}
     return {"config": cfg.model_dump(mode="json"), "accuracy": mean, "accuracy_std": std, "num_seeds": len(runs),
             "seeds": [r["config"]["seed"] for r in runs], "runs": runs,
             "retried": [r["retried"] for r in runs if "retried" in r] or None,
