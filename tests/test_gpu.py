@@ -3,19 +3,14 @@ Skipped where no CUDA device is present (CI); run it on a GPU machine with
 ``python -m pytest -q tests/test_gpu.py -s`` (``-s`` shows the measured nondeterminism).
 """
 
-import os
-
 import pytest
 import torch
 
-# cuBLAS reads this when it starts: deterministic matrix products need it (scaling.deterministic sets it)
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-from mimir.config import build_config  # noqa: E402
-from mimir.mi import MIPenalty  # noqa: E402
-from mimir.models import build_classifier, build_mae  # noqa: E402
-from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, pretrain_optimizer,  # noqa: E402
-                               pretrain_step)
+from mimir.config import build_config
+from mimir.mi import MIPenalty
+from mimir.models import build_classifier, build_mae
+from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, pretrain_optimizer, pretrain_step,
+                               use_deterministic_algorithms)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STEPS = 4
@@ -33,7 +28,7 @@ def _config():
 
 def _pretrain_losses(precision: str, deterministic: bool) -> list[float]:
     cfg, device = _config(), torch.device("cuda")
-    torch.use_deterministic_algorithms(deterministic)
+    use_deterministic_algorithms(deterministic)
     torch.manual_seed(0)
     model = build_mae(cfg).to(device)
     optimizer = pretrain_optimizer(model, cfg.pretrain)
@@ -42,13 +37,13 @@ def _pretrain_losses(precision: str, deterministic: bool) -> list[float]:
     images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     losses = [pretrain_step(model, optimizer, images, cfg.pretrain, amp, penalty)["loss"].item()
               for _ in range(STEPS)]
-    torch.use_deterministic_algorithms(False)
+    use_deterministic_algorithms(False)
     return losses
 
 
 def _finetune_losses(precision: str, deterministic: bool) -> list[float]:
     cfg, device = _config(), torch.device("cuda")
-    torch.use_deterministic_algorithms(deterministic)
+    use_deterministic_algorithms(deterministic)
     torch.manual_seed(0)
     model = build_classifier(cfg, 10).to(device)
     optimizer = finetune_optimizer(model, cfg.finetune)
@@ -58,7 +53,7 @@ def _finetune_losses(precision: str, deterministic: bool) -> list[float]:
     labels = torch.randint(0, 10, (64,), generator=generator).to(device)
     losses = [finetune_step(model, optimizer, images, labels, cfg.finetune, amp)["loss"].item()
               for _ in range(STEPS)]
-    torch.use_deterministic_algorithms(False)
+    use_deterministic_algorithms(False)
     return losses
 
 

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -110,3 +111,16 @@ def test_layer_decay_scales_lower_layers(tiny_config):
     assert lr_of[id(embed)] == pytest.approx(0.65**3)
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decay_of[id(clf.net.head.bias)] == 0.0 and decay_of[id(head)] == 0.05
+
+
+def test_scaling_deterministic_switches_torchs_deterministic_algorithms(monkeypatch):
+    from mimir.train.steps import use_deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        use_deterministic_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    finally:
+        use_deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled()

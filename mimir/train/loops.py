@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +30,8 @@ from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
-                               pretrain_optimizer, pretrain_step, set_lr, unwrap)
+                               pretrain_optimizer, pretrain_step, set_lr, unwrap,
+                               use_deterministic_algorithms)
 
 Metrics = dict[str, torch.Tensor]
 # below this share of the encoder gradient the MI penalty cannot change what the encoder learns
@@ -98,9 +98,7 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
     logging.getLogger().setLevel(logging.WARNING)
     if cfg.scaling.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+        use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     return ray.train.torch.get_device()

@@ -10,6 +10,7 @@ gradients are all-reduced), attacks and masks use the bare module (no gradient s
 from __future__ import annotations
 
 import contextlib
+import os
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def use_deterministic_algorithms(on: bool) -> None:
+    """``scaling.deterministic``: torch's deterministic kernels (an op without one raises), the
+    cuBLAS workspace they need (read when cuBLAS starts) and no cuDNN autotuning; off: torch's defaults."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False
 
 
 # -- learning rate -------------------------------------------------------------------------------
