@@ -65,44 +65,6 @@ ATTACK_PROBE = "attack:reconstruction"
 TARGETS = {"mimir_over_mae": 1.15, "mimir_over_pgd10_at": 0.2, "hsic_over_mae": 0.10}
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
-        return value
-    return parse
-
-
-_positive = _at_least(1)
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add the ``bench`` subcommand to a ``parser.add_subparsers()`` object."""
-    p = subparsers.add_parser("bench", help="time MAE, MIMIR, FastAT and PGD-10 AT steps (Table 10 as ratios)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides for every method, e.g. model.embed_dim=64 model.depth=4")
-    p.add_argument("--arch", default="vit_tiny", help="encoder architecture (default vit_tiny)")
-    p.add_argument("--img-size", type=_positive, default=32)
-    p.add_argument("--patch-size", type=_positive, default=2)
-    p.add_argument("--batch", type=_positive, default=512, help="images per step, every method")
-    p.add_argument("--steps", type=_positive, default=3, help="timed steps per method and round")
-    p.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds")
-    p.add_argument("--warmup", type=_at_least(0), default=1, help="untimed steps per method before round 1")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma list of {', '.join(METHODS)} (mae and mimir are always timed)")
-    p.add_argument("--out", default="bench.json", help="JSON report path")
-    p.add_argument("--ray", action="store_true",
-                   help="also measure Ray Train + Ray Data overhead on a small digits pre-training")
-    p.add_argument("--ray-epochs", type=_at_least(2), default=3, help="epochs of the --ray pre-training (>= 2)")
-    p.add_argument("--ray-batch", type=_positive, default=128, help="batch size of the --ray pre-training")
-    p.set_defaults(handler=main)
-
-
 def main(args: argparse.Namespace) -> int:
     """``mimir bench`` handler: run, print the table, write the JSON report."""
     report = run_bench(args)
@@ -128,7 +90,10 @@ def method_config(raw: dict[str, Any], method: str) -> RunConfig:
     return build_config(raw, METHODS[method][1], source=f"bench method {method}")
 
 
-def _selected(methods: str) -> list[str]:
+def _selected(methods: str | None) -> list[str]:
+    """The methods to time, in table order; None means all."""
+    if methods is None:
+        return list(METHODS)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -243,6 +208,8 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time every selected method (and the MI penalty alone); returns the JSON report."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA device")
     device = torch.device(args.device)

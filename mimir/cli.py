@@ -1,15 +1,27 @@
-"""The ``mimir`` command line."""
+"""mimir: MIMIR, masked adversarial pre-training of vision transformers with a mutual-information
+penalty (Xu et al.), then adversarial fine-tuning and robustness evaluation, on Ray.
+
+One machine or a Ray cluster, the same commands:
+  mimir run configs/quickstart.yaml          pre-train, fine-tune and evaluate (bundled digits, CPU)
+  mimir sweep tune/table7_estimator.yaml     a Ray Tune + Optuna sweep and its paper-shaped table
+  mimir submit -- mimir run CONFIG           the same as a Ray job on a cluster
+
+Every command takes key=value overrides of the config (pretrain.epochs=2). Each subcommand's
+--help answers without starting Ray or importing torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mimir.config import ConfigError, load_config
-from mimir.bench import add_parser as add_bench_parser
-from mimir.mi_scale import add_parser as add_mi_scale_parser
+from mimir import __version__
 from mimir.submit import add_parser as add_submit_parser
 
 ATTACK_TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
@@ -31,40 +43,19 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _stage_command(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
-    from mimir import runner
+def _stage_command(args: argparse.Namespace) -> int:
+    from mimir import api
 
-    cfg = load_config(args.config, args.overrides)
-    pretrained = finetuned = None
+    options: dict[str, Any] = {}
     if getattr(args, "pretrained", None):
-        pretrained = _checkpoint(args.pretrained, "pretrain", "--pretrained")
+        options["pretrained"] = api.checkpoint_argument(args.pretrained, "pretrain", "--pretrained")
     if getattr(args, "checkpoint", None):
-        finetuned = _checkpoint(args.checkpoint, "finetune", "--checkpoint")
-    results = runner.run_pipeline(cfg, stages, resume=args.resume, overwrite=args.overwrite,
-                                  pretrained=pretrained, finetuned=finetuned)
+        options["checkpoint"] = api.checkpoint_argument(args.checkpoint, "finetune", "--checkpoint")
+    command = getattr(api, args.command)  # run, pretrain, finetune or evaluate
+    results = command(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite, **options)
     print(format_results(results))
-    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    print(f"results: {Path(results['config']['output_dir']) / 'results.json'}")
     return 0
-
-
-def _checkpoint(path: str, stage: str, option: str) -> Any:
-    """A checkpoint folder of ``stage``, checked here (local paths) before Ray or any data starts."""
-    import ray.train
-
-    from mimir.train.checkpoint import load_state
-
-    if "://" not in path:
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{option}: checkpoint directory not found: {path}")
-        try:
-            state = load_state(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise FileNotFoundError(f"{option}: {err}") from None
-        if not (Path(path) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{option}: {path}: not a mimir checkpoint (no model.safetensors)")
-        if state.get("stage") not in (None, stage):
-            raise FileNotFoundError(f"{option}: {path} is a {state['stage']} checkpoint; a {stage} one is needed")
-    return ray.train.Checkpoint(path if "://" in path else str(Path(path).resolve()))
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
@@ -102,9 +93,82 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mimir.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _module_doc(module: str) -> str:
+    """A module's docstring, read from its source without importing it (most import torch)."""
+    spec = importlib.util.find_spec(module)
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+
+
+def load_handler(target: str) -> Callable[[argparse.Namespace], int]:
+    """``"module:function"`` imported when the command runs, so that ``--help`` stays fast."""
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+_positive = _at_least(1)
+BENCH_METHODS = ("mae", "mimir", "mimir_renyi", "adv_mae_1", "adv_mae_10", "fast_at", "pgd10_at")  # bench.METHODS
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="time MAE, MIMIR, FastAT and PGD-10 AT steps (Table 10 as ratios)",
+                       description=_module_doc("mimir.bench"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every method, e.g. model.embed_dim=64 model.depth=4")
+    p.add_argument("--arch", default="vit_tiny", help="encoder architecture (default vit_tiny)")
+    p.add_argument("--img-size", type=_positive, default=32)
+    p.add_argument("--patch-size", type=_positive, default=2)
+    p.add_argument("--batch", type=_positive, default=512, help="images per step, every method")
+    p.add_argument("--steps", type=_positive, default=3, help="timed steps per method and round")
+    p.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=_at_least(0), default=1, help="untimed steps per method before round 1")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when there is one")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--methods", help=f"comma list of {', '.join(BENCH_METHODS)} (default all; mae and mimir are "
+                                     "always timed)")
+    p.add_argument("--out", default="bench.json", help="JSON report path")
+    p.add_argument("--ray", action="store_true",
+                   help="also measure Ray Train + Ray Data overhead on a small digits pre-training")
+    p.add_argument("--ray-epochs", type=_at_least(2), default=3, help="epochs of the --ray pre-training (>= 2)")
+    p.add_argument("--ray-batch", type=_positive, default=128, help="batch size of the --ray pre-training")
+    p.set_defaults(handler="mimir.bench:main")
+
+
+def _add_mi_scale_parser(sub: Any) -> None:
+    p = sub.add_parser("mi-scale", help="the MI penalty's share of the encoder gradient per estimator",
+                       description=_module_doc("mimir.mi_scale"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config YAML (configs/...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.mi.weight=1e-3")
+    p.add_argument("--checkpoint", help="pre-training checkpoint folder to measure (default: random init)")
+    p.set_defaults(handler="mimir.mi_scale:main")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimir", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="mimir", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mimir {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
@@ -114,16 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--resume", action="store_true", help="continue an interrupted run in output_dir")
         mode.add_argument("--overwrite", action="store_true",
                           help="replace the stages in output_dir that this run trains (a changed config)")
+        p.set_defaults(handler=_stage_command)
         return p
 
-    stage("run", "pre-train, fine-tune and evaluate").set_defaults(stages=("pretrain", "finetune", "evaluate"))
-    stage("pretrain", "MIMIR pre-training only").set_defaults(stages=("pretrain",))
-    finetune = stage("finetune", "adversarial fine-tuning only")
-    finetune.add_argument("--pretrained", help="pre-training checkpoint (default: the one in output_dir)")
-    finetune.set_defaults(stages=("finetune",))
-    evaluate = stage("evaluate", "robustness evaluation only")
-    evaluate.add_argument("--checkpoint", help="fine-tuned checkpoint (default: the one in output_dir)")
-    evaluate.set_defaults(stages=("evaluate",))
+    stage("run", "pre-train, fine-tune and evaluate")
+    stage("pretrain", "MIMIR pre-training only")
+    stage("finetune", "adversarial fine-tuning only").add_argument(
+        "--pretrained", help="pre-training checkpoint (default: the one in output_dir)")
+    stage("evaluate", "robustness evaluation only").add_argument(
+        "--checkpoint", help="fine-tuned checkpoint (default: the one in output_dir)")
 
     sweep = sub.add_parser("sweep", help="Ray Tune + Optuna sweep from a tune/*.yaml spec, then its table")
     sweep.add_argument("spec", help="sweep spec YAML (tune/...)")
@@ -137,9 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
     table.set_defaults(handler=_table)
 
+    config = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command",
+                                                                                       required=True)
+    show = config.add_parser("show", help="print the validated config, every default filled in, as YAML")
+    show.add_argument("config", help="run config YAML (configs/...)")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.epochs=2")
+    show.set_defaults(handler=_config_show)
+
+    export = sub.add_parser("export", help="a run's encoder or classifier as timm weights (model.safetensors + config.json)",
+                            description=_module_doc("mimir.export"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run", help="run folder (output_dir of mimir run) or checkpoint folder")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune",
+                        help="the pre-trained encoder or the fine-tuned classifier (default)")
+    export.add_argument("--checkpoint", choices=("best", "last"),
+                        help="which fine-tuning checkpoint (default: the one evaluation uses, evaluate.checkpoint)")
+    export.set_defaults(handler="mimir.export:main")
+
     add_submit_parser(sub)
-    add_bench_parser(sub)
-    add_mi_scale_parser(sub)
+    _add_bench_parser(sub)
+    _add_mi_scale_parser(sub)
 
     data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="convert a dataset to Parquet shards once")
@@ -154,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mimir.config import ConfigError
     from mimir.data.format import DatasetError
     from mimir.runner import NonFiniteRun, StageExistsError
 
-    args = build_parser().parse_args(argv)
+    handler = load_handler(args.handler) if isinstance(args.handler, str) else args.handler
     try:
-        if hasattr(args, "stages"):
-            return _stage_command(args, args.stages)
-        return args.handler(args)
+        return handler(args)
     except (ConfigError, DatasetError, StageExistsError, FileNotFoundError) as err:
         print(f"mimir: error: {err}", file=sys.stderr)
         return 2

@@ -29,15 +29,6 @@ ESTIMATORS = ("hsic", "hsic_cca", "renyi")
 ACTIVE_SHARES = (1e-3, 1e-1)  # a share in this range moves the encoder without swamping the MSE
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("mi-scale", help="the MI penalty's share of the encoder gradient per estimator",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="run config YAML (configs/...)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.mi.weight=1e-3")
-    p.add_argument("--checkpoint", help="pre-training checkpoint folder to measure (default: random init)")
-    p.set_defaults(handler=main)
-
-
 def first_batch(cfg: RunConfig) -> torch.Tensor:
     """The first per-worker pre-training batch of the training split, in stored order, as [0, 1] images."""
     from mimir.data.format import load_manifest

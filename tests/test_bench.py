@@ -1,9 +1,9 @@
-import argparse
 import json
 
 import pytest
 
 from mimir import bench
+from mimir.cli import build_parser, load_handler
 from mimir.config import ConfigError
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch", "8", "--steps", "1", "--rounds", "1",
@@ -12,9 +12,9 @@ TINY = ["--img-size", "16", "--patch-size", "4", "--batch", "8", "--steps", "1",
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="mimir")
-    bench.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["bench", *argv])
+    args = build_parser().parse_args(["bench", *argv])
+    args.handler = load_handler(args.handler)
+    return args
 
 
 def test_bench_reports_every_method_relative_to_mimir(tmp_path, capsys):

@@ -1,0 +1,60 @@
+"""The command line itself: fast help without the heavy imports, --version, config show."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimir import __version__, bench
+from mimir.cli import BENCH_METHODS, build_parser, main
+from mimir.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+HEAVY = ("torch", "ray", "timm", "numpy", "pyarrow", "pydantic")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["sweep"], ["bench"], ["mi-scale"], ["submit"], ["config", "show"],
+                                     ["data", "prepare"], ["table"], ["export"], ["plot"]])
+def test_help_imports_nothing_heavy(command):
+    code = ("import sys\nfrom mimir.cli import main\n"
+            f"try:\n    main({[*command, '--help']!r})\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: mimir" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_top_level_help_says_what_mimir_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "masked adversarial pre-training" in out and "mimir run configs/quickstart.yaml" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mimir {__version__}"
+
+
+def test_bench_help_lists_the_bench_methods():
+    assert BENCH_METHODS == tuple(bench.METHODS)
+    assert build_parser().parse_args(["bench"]).methods is None
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    assert main(["config", "show", QUICKSTART, "pretrain.epochs=3", "finetune.attack.eps=4/255"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    cfg = load_config(QUICKSTART, ["pretrain.epochs=3", "finetune.attack.eps=4/255"])
+    assert shown == cfg.model_dump(mode="json")
+    assert shown["pretrain"]["epochs"] == 3 and shown["finetune"]["attack"]["eps"] == pytest.approx(4 / 255)
+    assert "drop_path" in shown["finetune"]  # defaults are filled in
+
+
+def test_config_show_names_a_bad_override(capsys):
+    assert main(["config", "show", QUICKSTART, "pretrain.epochz=3"]) == 2
+    assert "pretrain.epochz" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""`mimir export` and `mimir.load_classifier`: timm loads the exported weights with no missing or
+unexpected key and gives mimir's logits; the pre-trained encoder exports with every key."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import mimir
+from mimir.cli import main
+from mimir.config import build_config
+from mimir.models import build_classifier, build_mae
+from mimir.train.checkpoint import save_checkpoint
+
+
+def _run_folder(tmp_path, cfg, pool):
+    """A finished run's folder as mimir writes it: config.json, stage records, checkpoints."""
+    cfg = build_config(cfg.model_dump(mode="json") | {"output_dir": str(tmp_path / "run")}
+                       | {"finetune": cfg.finetune.model_dump(mode="json") | {"global_pool": pool}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    classifier = build_classifier(cfg, num_classes=7)
+    for parameter in classifier.parameters():  # not the fresh head's zeros: every weight must make it across
+        parameter.data.normal_(0, 0.1)
+    mae = build_mae(cfg)
+    state = {"epoch": 0, "config": cfg.model_dump(mode="json"), "num_classes": 7}
+    for stage, model, checkpoints in (("pretrain", mae, ["checkpoint_a"]),
+                                      ("finetune", classifier, ["checkpoint_a", "checkpoint_b"])):
+        for name in checkpoints:
+            save_checkpoint(run / stage / name, model, state | {"stage": stage})
+        record = {"stage": stage, "checkpoint": f"{stage}/{checkpoints[-1]}", "best_checkpoint": f"{stage}/{checkpoints[0]}"}
+        (run / stage / "mimir_stage.json").write_text(json.dumps(record))
+    return run, cfg, classifier, mae
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_exported_classifier_loads_into_timm_with_mimirs_logits(tmp_path, tiny_config, pool):
+    run, cfg, classifier, _ = _run_folder(tmp_path, tiny_config, pool)
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "last"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 7
+    assert config["pretrained_cfg"]["mean"] == list(cfg.data.mean) and config["mimir"]["stage"] == "finetune"
+    assert not any(k.startswith(("net.", "encoder.")) for k in load_file(str(out / "model.safetensors")))
+
+    images = torch.rand(3, 3, 16, 16)
+    expected = classifier.eval()(images)
+    normalized = (images - classifier.mean) / classifier.std
+    # the folder as a timm model source, and the README's pretrained_cfg_overlay form
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    overlay = timm.create_model(config["architecture"], pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=7),
+                                **config["model_args"]).eval()
+    for model in (local, overlay):
+        assert model.state_dict().keys() == load_file(str(out / "model.safetensors")).keys()
+        torch.testing.assert_close(model(normalized), expected, rtol=1e-5, atol=1e-5)
+    # mimir's own loader: [0, 1] images, the same logits
+    torch.testing.assert_close(mimir.load_classifier(run, "last")(images), expected)
+
+
+def test_export_picks_the_checkpoint_evaluation_uses(tmp_path, tiny_config):
+    run, cfg, *_ = _run_folder(tmp_path, tiny_config, "avg")
+    for which, checkpoint in (("best", "checkpoint_a"), ("last", "checkpoint_b")):
+        out = tmp_path / which
+        assert main(["export", str(run), "--out", str(out), "--checkpoint", which]) == 0
+        assert json.loads((out / "config.json").read_text())["mimir"]["checkpoint"].endswith(checkpoint)
+    out = tmp_path / "default"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert cfg.evaluate.checkpoint == "best"
+    assert json.loads((out / "config.json").read_text())["mimir"]["checkpoint"].endswith("checkpoint_a")
+
+
+def test_exported_encoder_has_every_key_and_fine_tunes_in_timm(tmp_path, tiny_config):
+    run, cfg, _, mae = _run_folder(tmp_path, tiny_config, "avg")
+    out = tmp_path / "encoder"
+    assert main(["export", str(run / "pretrain" / "checkpoint_a"), "--out", str(out), "--stage", "pretrain"]) == 0
+    weights = load_file(str(out / "model.safetensors"))
+    encoder = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items() if k.startswith("encoder.")}
+    assert weights.keys() == encoder.keys()
+    assert all(torch.equal(weights[k], encoder[k]) for k in weights)
+    # a new 5-class head on the exported encoder, as a user fine-tuning it elsewhere would do
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+    torch.testing.assert_close(model.patch_embed.proj.weight, encoder["patch_embed.proj.weight"])
+
+
+def test_export_names_what_is_wrong(tmp_path, tiny_config, capsys):
+    run, *_ = _run_folder(tmp_path, tiny_config, "avg")
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    assert main(["export", str(run / "pretrain" / "checkpoint_a"), "--out", str(tmp_path / "x")]) == 2
+    assert "is a pretrain checkpoint, not a finetune one" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
