@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which fine-tuning checkpoint (default: the one evaluation uses, evaluate.checkpoint)")
     export.set_defaults(handler="mimir.export:main")
 
+    plot = sub.add_parser("plot", help="training curves of a run or a sweep as a PNG",
+                          description=_module_doc("mimir.plot"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    plot.add_argument("path", help="run folder (output_dir) or sweep experiment folder")
+    plot.add_argument("--out", help="PNG to write (default PATH/curves.png)")
+    plot.set_defaults(handler="mimir.plot:main")
+
     add_submit_parser(sub)
     _add_bench_parser(sub)
     _add_mi_scale_parser(sub)

@@ -31,10 +31,10 @@ from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, 
                                  validation_dataset)
 from mimir.evaluate import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
+from mimir.metrics import write_evaluation
 from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
-HISTORY = "metrics.jsonl"  # a stage's per-epoch metrics, one JSON line per epoch (train.loops.EpochHistory)
 FAILED = "failed.json"  # where a run's results would be: why it has none
 STAGES = ("pretrain", "finetune", "evaluate")
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
@@ -107,15 +107,6 @@ def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
         return None
     with fs.open_input_stream(path) as stream:
         return json.loads(stream.read())
-
-
-def read_history(storage: str, name: str) -> list[dict[str, Any]]:
-    """A stage's per-epoch metrics (``metrics.jsonl``), oldest first; empty before its first epoch."""
-    fs, path = _fs(_join(storage, name, HISTORY))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return []
-    with fs.open_input_stream(path) as stream:
-        return [json.loads(line) for line in stream.read().decode().splitlines()]
 
 
 def _write_stage_record(storage: str, name: str, record: dict[str, Any]) -> None:
@@ -220,7 +211,7 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
     first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
     trainer = ray.train.torch.TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "history": _join(storage, name, HISTORY)},
+        train_loop_config={**loop_config, "run_folder": _join(storage, name)},
         scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(
             name=name,
@@ -462,6 +453,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"],
                        evaluate_private_memory_mb=evaluation.get("private_memory_mb"))
+        write_evaluation(_join(storage, "evaluate"), results, step=cfg.finetune.epochs)
     results["seconds"] = seconds
     return results
 

@@ -20,6 +20,7 @@ from mimir import cli, runner
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, resolve_dataset
 from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.metrics import read_history
 from mimir.train.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def _args(out: Path, data_root: Path, seed: int = 0) -> list[str]:
 
 def _history(out: Path, stage: str) -> list[dict]:
     """The stage's per-epoch metrics, less the wall-clock ones."""
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in runner.read_history(str(out), stage)]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_history(str(out / stage))]
 
 
 def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:

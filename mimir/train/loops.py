@@ -9,7 +9,6 @@ function per batch, and ``ray.train.report`` the epoch's metrics with a checkpoi
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import tempfile
 import time
@@ -19,13 +18,13 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
 from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
 from mimir.data.pipeline import epoch_batches
+from mimir.metrics import MetricsLog
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
@@ -67,26 +66,6 @@ def no_effect_warning(report: dict[str, float], warmup_epochs: float) -> str | N
             "lambdas were tuned with (pretrain.mi.estimator=hsic_cca).")
 
 
-class EpochHistory:
-    """A stage's per-epoch metrics as JSON lines, ``metrics.jsonl`` in its run folder (a local path
-    or a URI), rewritten whole each epoch so that object stores work too. A resumed run keeps the
-    epochs before the one it resumes at."""
-
-    def __init__(self, uri: str, start_epoch: int):
-        self.fs, self.path = pafs.FileSystem.from_uri(uri)
-        self.records: list[dict[str, Any]] = []
-        if start_epoch and self.fs.get_file_info(self.path).type == pafs.FileType.File:
-            with self.fs.open_input_stream(self.path) as stream:
-                lines = stream.read().decode().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["epoch"] < start_epoch]
-
-    def append(self, report: dict[str, float]) -> None:
-        self.records.append(report)
-        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(self.path) as stream:
-            stream.write("".join(json.dumps(r) + "\n" for r in self.records).encode())
-
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The worker's torch seed for one epoch (masks, attack starts, drop path): drawn anew per epoch,
     so a run resumed at epoch k draws what the uninterrupted run drew, with no saved RNG state."""
@@ -105,7 +84,7 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
 
 
 def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int, history: str,
+                  optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int, run_folder: str,
                   step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
                   probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None,
                   validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 1) -> None:
@@ -130,7 +109,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             print(f"[{stage}] resuming from epoch {start_epoch} of {optim_cfg.epochs}", flush=True)
     shard = ray.train.get_dataset_shard("train")
     local_batch = optim_cfg.batch_size // world
-    epoch_log = EpochHistory(history, start_epoch) if rank == 0 else None
+    epoch_log = MetricsLog(run_folder, start_epoch) if rank == 0 else None
     warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -190,6 +169,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
                 ray.train.report(report, checkpoint=checkpoint)
         else:
             ray.train.report(report)
+    if epoch_log is not None:
+        epoch_log.close()
 
 
 def pretrain_worker(config: dict[str, Any]) -> None:
@@ -211,7 +192,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
         return {"mi_share": share}
 
     _train_epochs("pretrain", cfg, cfg.pretrain, model, optimizer, precision, config["steps_per_epoch"],
-                  config["history"], step,
+                  config["run_folder"], step,
                   {"pretrain_hash": cfg.pretrain_hash()}, probe=probe if penalty else None)
 
 
@@ -260,6 +241,6 @@ def finetune_worker(config: dict[str, Any]) -> None:
         validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard("val"), cfg, device)
 
     _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"],
-                  config["history"], step,
+                  config["run_folder"], step,
                   {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path},
                   validate=validate, validate_every=cfg.finetune.validation.every)
