@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mimir import __version__
+from mimir.console import set_verbose
 from mimir.submit import add_parser as add_submit_parser
 
 ATTACK_TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack",
@@ -131,9 +132,9 @@ _positive = _at_least(1)
 BENCH_METHODS = ("mae", "mimir", "mimir_renyi", "adv_mae_1", "adv_mae_10", "fast_at", "pgd10_at")  # bench.METHODS
 
 
-def _add_bench_parser(sub: Any) -> None:
+def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", help="time MAE, MIMIR, FastAT and PGD-10 AT steps (Table 10 as ratios)",
-                       description=_module_doc("mimir.bench"), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       parents=[verbosity], description=_module_doc("mimir.bench"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for every method, e.g. model.embed_dim=64 model.depth=4")
     p.add_argument("--arch", default="vit_tiny", help="encoder architecture (default vit_tiny)")
@@ -169,9 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mimir {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="show Ray's own logs too (by default only mimir's lines, Ray's warnings and errors)")
 
     def stage(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[verbosity])
         p.add_argument("config", help="run config YAML (configs/...)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.epochs=2")
         mode = p.add_mutually_exclusive_group()
@@ -188,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage("evaluate", "robustness evaluation only").add_argument(
         "--checkpoint", help="fine-tuned checkpoint (default: the one in output_dir)")
 
-    sweep = sub.add_parser("sweep", help="Ray Tune + Optuna sweep from a tune/*.yaml spec, then its table")
+    sweep = sub.add_parser("sweep", help="Ray Tune + Optuna sweep from a tune/*.yaml spec, then its table",
+                           parents=[verbosity])
     sweep.add_argument("spec", help="sweep spec YAML (tune/...)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides for every trial")
     sweep.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
@@ -224,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(handler="mimir.plot:main")
 
     add_submit_parser(sub)
-    _add_bench_parser(sub)
+    _add_bench_parser(sub, verbosity)
     _add_mi_scale_parser(sub)
 
     data = sub.add_parser("data", help="dataset conversion").add_subparsers(dest="data_command", required=True)
@@ -241,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
     from mimir.config import ConfigError
     from mimir.data.format import DatasetError
     from mimir.runner import NonFiniteRun, StageExistsError

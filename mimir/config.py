@@ -254,6 +254,13 @@ class ScalingConfig(Strict):
     deterministic: bool = False
 
 
+class LogConfig(Strict):
+    """Console progress inside long epochs and evaluations (mimir.console.Progress); not part of
+    any stage's identity."""
+    progress_percent: int = Field(10, ge=0, le=100)  # a line every this % of an epoch; 0 = none
+    progress_after_seconds: float = Field(60.0, ge=0)  # only once an epoch has run this long
+
+
 class RunConfig(Strict):
     name: str = "mimir"
     output_dir: str = "results/mimir"
@@ -264,6 +271,7 @@ class RunConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     scaling: ScalingConfig = ScalingConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "RunConfig":

@@ -11,6 +11,7 @@ import torch
 
 from mimir import attacks
 from mimir.config import RunConfig
+from mimir.console import Progress
 from mimir.mi import MIPenalty
 from mimir.models import Classifier, build_classifier
 from mimir.train.checkpoint import load_state, load_weights
@@ -33,10 +34,11 @@ def _attack(name: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg:
 
 
 def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     cfg: RunConfig) -> dict[str, Any]:
+                     cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Accuracy in percent under each configured attack, plus seconds per attack, streamed: one batch
     of images ([0, 1]) and labels at a time, so memory does not grow with the test split. AutoAttack
-    runs on each batch too (in chunks of ``evaluate.batch_size``)."""
+    runs on each batch too (in chunks of ``evaluate.batch_size``). ``progress`` prints the running
+    accuracies and the ETA while it goes."""
     model.eval()
     device = next(model.parameters()).device
     correct = {name: 0 for name in cfg.evaluate.attacks}
@@ -51,6 +53,9 @@ def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, to
                 correct[name] += (model(adv).argmax(dim=1) == y).sum().item()
             seconds[name] += time.perf_counter() - started
         total += len(y)
+        if progress is not None and progress.due(total):
+            running = " ".join(f"{name} {100.0 * n / total:.1f}" for name, n in correct.items())
+            print(progress.line(total, f", accuracy so far: {running}"), flush=True)
     if total == 0:
         raise ValueError("the test split gave no images to evaluate")
     return {"accuracy": {name: 100.0 * n / total for name, n in correct.items()}, "seconds": seconds,

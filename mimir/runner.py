@@ -27,6 +27,7 @@ import ray.train.torch
 import torch
 
 from mimir.config import RunConfig, config_changes
+from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
 from mimir.evaluate import evaluate_batches, load_classifier
@@ -57,16 +58,20 @@ def quiet_ray_data() -> None:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start an in-process local Ray; quiet by default."""
+    """Join the cluster in RAY_ADDRESS, or start an in-process local Ray; quiet unless ``-v``
+    (mimir.console)."""
     if ray.is_initialized():
         return
     quiet_ray_data()
+    local = not os.environ.get("RAY_ADDRESS")
+    if not verbose():
+        quiet_this_process()
     # workers print their epoch lines straight to stdout: Ray Train's print patch would route them
     # through its logger, which shows every line twice
-    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True,
+    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **ray_process_env(local)}
+    kwargs: dict[str, Any] = dict(logging_level=logging.INFO if verbose() else logging.WARNING, log_to_driver=True,
                                   runtime_env={"env_vars": env_vars})
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
@@ -326,7 +331,10 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
             yield batch["image"].float().div_(255), batch["label"]
             memory.sample()  # after the batch's attacks ran
 
-    result = evaluate_batches(model, batches(), cfg)
+    test_rows = load_manifest(resolve_dataset(cfg.data))["splits"]["test"]["num_rows"]
+    total = min(test_rows, cfg.evaluate.num_images or test_rows)
+    progress = Progress("[evaluate]", total, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
+    result = evaluate_batches(model, batches(), cfg, progress)
     result["private_memory_mb"] = memory.grown_mb()
     return result
 

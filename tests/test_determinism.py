@@ -6,6 +6,7 @@ changes the run.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,16 +17,19 @@ import pytest
 import torch
 
 from conftest import quick_overrides
+import mimir
 from mimir import cli, runner
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, resolve_dataset
-from mimir.evaluate import evaluate_classifier, load_classifier
+from mimir.evaluate import evaluate_classifier
 from mimir.metrics import read_history
-from mimir.train.checkpoint import load_state
+from test_metrics import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TIMINGS = {"seconds", "images_per_second", "validation_seconds", "probe_seconds"}
+RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")
+MIMIR_LINE = re.compile(r"^(\[(pretrain|finetune|evaluate|sweep)\] |\| |\|---|\(\d+ test images|time: |results: )")
 
 
 def _args(out: Path, data_root: Path, seed: int = 0) -> list[str]:
@@ -55,12 +59,20 @@ def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:
         proc.wait()
 
 
+def _foreign_lines(console: str) -> list[str]:
+    """Console lines that are not mimir's own (Ray's "(Actor pid=N)" prefix removed)."""
+    lines = [RAY_PREFIX.sub("", line) for line in console.splitlines() if line.strip()]
+    return [line for line in lines if not MIMIR_LINE.match(line)]
+
+
 def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_resume(
-        ray_local, data_root, tmp_path, capsys):
+        ray_local, data_root, tmp_path, capfd):
     out = tmp_path / "a"
     assert cli.main(["run", *_args(out, data_root)]) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
     assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
+    # a quiet console: mimir's lines only, nothing from Ray Data, Ray Train or Ray core
+    assert _foreign_lines(printed + errors) == []
     # the MI penalty's size and its share of the encoder gradient in every pre-training epoch line,
     # validation in every fine-tuning one
     pretrain_lines = [line for line in printed.splitlines() if "[pretrain] epoch" in line]
@@ -80,20 +92,26 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     best = max(reversed(finetune_epochs), key=lambda e: e["val_pgd"])
     assert results["finetune"]["best_metrics"]["epoch"] == best["epoch"]
     assert results["evaluated_checkpoint"].endswith(results["finetune"]["best_checkpoint"])
-    # re-evaluate that checkpoint here: the numbers in results.json are that model's
+    # each stage's curves as CSV and TensorBoard events, the test accuracies beside them
+    for stage, tags in (("pretrain", {"train/loss", "train/mi_term", "time/seconds"}),
+                        ("finetune", {"train/acc", "validation/natural", "validation/pgd"})):
+        assert len((out / stage / "metrics.csv").read_text().splitlines()) == 1 + 2
+        assert tags <= set(read_events(out / stage)) and all(len(v) == 2 for v in read_events(out / stage).values())
+    assert read_events(out / "evaluate") == {f"evaluate/{name}": {2: value} for name, value in results["accuracy"].items()}
+    # re-evaluate the evaluated checkpoint through the Python API: the numbers in results.json are that model's
     cfg = load_config(QUICKSTART, _args(out, data_root)[1:])
-    checkpoint = runner.stage_checkpoint(runner.storage_root(cfg), results["finetune"], "best")
-    with checkpoint.as_directory() as directory:
-        model = load_classifier(directory, cfg)
-        assert load_state(directory)["num_classes"] == 10
+    model = mimir.load_classifier(out)
     test = eval_dataset(resolve_dataset(cfg.data), cfg.data, 64).take_batch(64)
     natural_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"attacks": ["natural"]})})
     natural = evaluate_classifier(model, torch.from_numpy(test["image"]).float() / 255,
                                   torch.from_numpy(test["label"]), natural_only)
     assert natural["accuracy"]["natural"] == pytest.approx(results["accuracy"]["natural"])
-    # a second `run` on the same output_dir reuses the finished stages instead of training again
-    assert cli.main(["run", *_args(out, data_root)]) == 0
-    assert "already finished" in capsys.readouterr().out
+    # a second run on the same output_dir, through the Python API, reuses the finished stages and
+    # returns what the CLI wrote
+    again = mimir.run(QUICKSTART, *_args(out, data_root)[1:])
+    assert "already finished" in capfd.readouterr().out
+    for key in ("accuracy", "num_images", "pretrain", "finetune", "validation", "evaluated_checkpoint", "config"):
+        assert again[key] == results[key], key
 
     # the same seed in another folder, killed after its first fine-tuning epoch, then resumed:
     # every epoch of both stages, the best checkpoint and the test accuracies as in the first run

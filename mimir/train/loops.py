@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
+from mimir.console import Progress, verbose
 from mimir.data.pipeline import epoch_batches
 from mimir.metrics import MetricsLog
 from mimir.mi import MIPenalty
@@ -75,7 +76,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def _worker_setup(cfg: RunConfig) -> torch.device:
     ctx = ray.train.get_context()
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
-    logging.getLogger().setLevel(logging.WARNING)
+    if not verbose():
+        logging.getLogger().setLevel(logging.WARNING)
     if cfg.scaling.deterministic:
         use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
@@ -110,6 +112,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
     shard = ray.train.get_dataset_shard("train")
     local_batch = optim_cfg.batch_size // world
     epoch_log = MetricsLog(run_folder, start_epoch) if rank == 0 else None
+    progress = None
     warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -119,6 +122,10 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
         batches = epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed, epoch=epoch,
                                 rank=rank, device=device)
+        if rank == 0:
+            progress = Progress(f"[{stage}] epoch {epoch + 1}/{optim_cfg.epochs}", steps_per_epoch, "steps",
+                                cfg.log.progress_percent, cfg.log.progress_after_seconds,
+                                queued=(optim_cfg.epochs - epoch - 1) * steps_per_epoch)
         for batch in batches:
             if probe is not None and steps == 0:
                 probe_started = time.perf_counter()
@@ -131,6 +138,9 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
                 sums[key] = sums[key] + value if key in sums else value
             steps += 1
             images_seen += batch["image"].shape[0]
+            if progress is not None and progress.due(steps):
+                rate = images_seen * world / (time.perf_counter() - started)
+                print(progress.line(steps, f" loss {metrics['loss'].item():.4g}, {rate:.0f} img/s"), flush=True)
         if steps == 0:
             raise RuntimeError(f"[{stage}] worker {rank} got no full batch of {local_batch} images; "
                                "lower the batch size or use fewer workers")

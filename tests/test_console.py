@@ -1,0 +1,70 @@
+"""The console: Ray's noise filtered precisely (its warnings and errors kept), progress lines."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from mimir import console
+
+
+def test_ray_data_in_a_ray_process_keeps_warnings_and_drops_the_notices(tmp_path):
+    """A process that imports Ray Data with the config mimir gives Ray's processes (as a
+    SplitCoordinator or evaluation task does): INFO banners and the progress-bar notice are gone,
+    other warnings and errors still print."""
+    config = tmp_path / "ray-data-logging.json"
+    config.write_text(json.dumps(console.ray_data_logging_config()))
+    code = ("import logging, ray.data\n"
+            "log = logging.getLogger('ray.data._internal.execution.streaming_executor')\n"
+            "log.info('Dataset train_1 execution finished in 0.3 seconds')\n"
+            "logging.getLogger('ray.data._internal.progress').warning("
+            "'Progress bars disabled. To enable, set `ray.data.DataContext...`')\n"
+            "log.warning('a warning a user must see')\n"
+            "log.error('an error a user must see')\n")
+    env = {"RAY_DATA_LOGGING_CONFIG": str(config), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    console_out = result.stdout + result.stderr
+    assert "execution finished" not in console_out and "Progress bars disabled" not in console_out
+    assert "a warning a user must see" in console_out and "an error a user must see" in console_out
+
+
+def test_this_process_drops_the_token_notice_only(caplog):
+    console.quiet_this_process()
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+        logger.warning("token file unreadable")
+    assert [r.getMessage() for r in caplog.records] == ["token file unreadable"]
+
+
+def test_ray_processes_get_the_quiet_env_only_on_a_local_ray(monkeypatch):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    local = console.ray_process_env(local=True)
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert json.loads(open(local["RAY_DATA_LOGGING_CONFIG"]).read())["handlers"]["console"]["level"] == "WARNING"
+    assert console.ray_process_env(local=False) == {}  # a cluster's nodes can be drained; the file is not there
+    console.set_verbose(True)
+    assert console.ray_process_env(local=True) == {console.VERBOSE_ENV: "1"}
+
+
+def test_progress_lines_every_percent_after_a_while(monkeypatch):
+    clock = iter(float(t) for t in range(0, 1000, 10))  # 10 s per call of the clock
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+    progress = console.Progress("[finetune] epoch 1/3", total=100, unit="steps", percent=25, after_seconds=15,
+                                queued=200)
+    lines = [(step, progress.line(step)) for step in range(1, 101) if progress.due(step)]
+    # due at 25, 50, 75 (never at the end: the epoch line says it); the first after 15 s only
+    assert [step for step, _ in lines] == [50, 75]
+    assert lines[0][1].startswith("[finetune] epoch 1/3 50% 50/100 steps, ETA ")
+
+
+@pytest.mark.parametrize("seconds, text", [(5, "5s"), (125, "2m 05s"), (7300, "2h 01m")])
+def test_durations(seconds, text):
+    assert console.format_duration(seconds) == text
+
+
+def test_progress_off():
+    progress = console.Progress("[evaluate]", total=10, unit="images", percent=0, after_seconds=0)
+    assert not any(progress.due(n) for n in range(11))
