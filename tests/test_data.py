@@ -472,3 +472,18 @@ def test_bad_requests(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found") as info:
         prepare_dataset("imagenet", tmp_path / "nowhere", tmp_path / "out")
     assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_long_conversions_print_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from mimir.data import format as data_format
+
+    monkeypatch.setattr(data_format, "PROGRESS_AFTER_SECONDS", 0.0)  # as if every row took long
+    monkeypatch.setattr(data_format, "_ROW_GROUP_ROWS", 10)
+    spec = data_format.DatasetSpec.from_arrays(["a", "b"], {"train": (np.zeros((100, 4, 4, 3), np.uint8),
+                                                                      np.arange(100) % 2)})
+    data_format.write_dataset(spec, tmp_path / "toy", source="arrays", rows_per_shard=30)
+    lines = capsys.readouterr().out.splitlines()
+    # a line each 5 % of the split: the rows come 10 at a time, so at 10, 20, ... 90 (not at the end)
+    assert [line.split()[4] for line in lines] == [f"{n}/100" for n in range(10, 100, 10)]
+    assert lines[0].startswith("[prepare] toy train 10% 10/100 images, ETA ")

@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mimir.console import Progress
+
 FORMAT_VERSION = 2  # 2: the ``index`` column
 MANIFEST_NAME = "manifest.json"
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
@@ -41,6 +43,8 @@ _MANIFEST_KEYS = ("name", "format_version", "encoding", "image_shape", "num_clas
 Row = tuple[bytes, int]
 T = TypeVar("T")
 ROW_ORDER_SEED = 0  # stored row i of a split of n rows is source row stored_order(n)[i]
+# a line every 5 % of a split, for conversions that take long enough to wonder (ImageNet: hours)
+PROGRESS_PERCENT, PROGRESS_AFTER_SECONDS = 5, 30.0
 
 
 class DatasetError(ValueError):
@@ -57,6 +61,7 @@ class DatasetSpec:
     image_shape: tuple[int, int, int] | None  # (H, W, C) for raw images, None for encoded
     classes: list[str]  # index = label
     splits: dict[str, Iterable[Row]]
+    sizes: dict[str, int]  # rows per split, known before the rows are read (for progress lines)
 
     @classmethod
     def from_arrays(cls, classes: Sequence[str],
@@ -69,7 +74,7 @@ class DatasetSpec:
         for split, (images, labels) in splits.items():
             order = stored_order(len(labels))
             rows[split] = array_rows(images[order], np.asarray(labels)[order])
-        return cls("raw", shape, list(classes), rows)
+        return cls("raw", shape, list(classes), rows, {split: len(labels) for split, (_, labels) in splits.items()})
 
 
 def stored_order(num_rows: int, seed: int = ROW_ORDER_SEED) -> np.ndarray:
@@ -97,8 +102,9 @@ def write_dataset(spec: DatasetSpec, dataset_dir: str | Path, *, source: str,
     partial = dataset_dir.with_name(f".{dataset_dir.name}.partial-{secrets.token_hex(6)}")
     partial.mkdir()
     try:
-        splits = {split: _write_split(partial, split, _checked_rows(spec, split, rows, source),
-                                      rows_per_shard)
+        splits = {split: _write_split(partial, split, _checked_rows(spec, split, rows, source), rows_per_shard,
+                                      Progress(f"[prepare] {dataset_dir.name} {split}", spec.sizes[split], "images",
+                                               percent=PROGRESS_PERCENT, after_seconds=PROGRESS_AFTER_SECONDS))
                   for split, rows in spec.splits.items()}
         empty = [split for split, info in splits.items() if info["num_rows"] == 0]
         if empty:
@@ -243,7 +249,8 @@ def _checked_rows(spec: DatasetSpec, split: str, rows: Iterable[Row], source: st
         yield image, label
 
 
-def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: int) -> dict[str, Any]:
+def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: int,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Write rows as ``<split>/part-NNNNN.parquet`` shards; return the split's manifest entry."""
     (root / split).mkdir()
     rows = iter(rows)
@@ -258,6 +265,8 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
             while batch:
                 writer.write_table(_to_table(batch, first_index=total + in_shard))
                 in_shard += len(batch)
+                if progress is not None and progress.due(total + in_shard):
+                    print(progress.line(total + in_shard), flush=True)
                 batch = list(islice(rows, min(rows_per_shard - in_shard, _ROW_GROUP_ROWS)))
         total += in_shard
         files.append(rel)

@@ -28,7 +28,7 @@ def imagenet_spec(root: Path) -> DatasetSpec:
     if unknown:
         raise DatasetError(f"{val_dir / unknown[0]}: class not present in {train_dir} "
                            f"({len(unknown)} such val folder(s))")
-    return DatasetSpec("encoded", None, wnids, {
-        "train": encoded_rows(labelled_files((train_dir / w, label[w]) for w in wnids)),
-        "test": encoded_rows(labelled_files((val_dir / w, label[w]) for w in val_wnids)),
-    })
+    train = labelled_files((train_dir / w, label[w]) for w in wnids)
+    test = labelled_files((val_dir / w, label[w]) for w in val_wnids)
+    return DatasetSpec("encoded", None, wnids, {"train": encoded_rows(train), "test": encoded_rows(test)},
+                       {"train": len(train), "test": len(test)})

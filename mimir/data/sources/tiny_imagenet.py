@@ -25,7 +25,7 @@ def tiny_imagenet_spec(root: Path) -> DatasetSpec:
     return DatasetSpec("raw", _TINY_SHAPE, _tiny_imagenet_names(root / "words.txt", wnids), {
         "train": decoded_rows(train, _TINY_SHAPE),
         "test": decoded_rows(test, _TINY_SHAPE),
-    })
+    }, {"train": len(train), "test": len(test)})
 
 
 def _tiny_imagenet_names(words_path: Path, wnids: list[str]) -> list[str]:
