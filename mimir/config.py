@@ -254,11 +254,25 @@ class ScalingConfig(Strict):
     deterministic: bool = False
 
 
+class MLflowConfig(Strict):
+    tracking_uri: str | None = None  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = "mimir"
+
+
+class WandbConfig(Strict):
+    project: str = "mimir"
+    mode: Literal["online", "offline"] = "online"  # offline: files under ./wandb, `wandb sync` later
+
+
 class LogConfig(Strict):
-    """Console progress inside long epochs and evaluations (mimir.console.Progress); not part of
-    any stage's identity."""
+    """Console progress inside long epochs and evaluations (mimir.console.Progress) and optional
+    experiment trackers (mimir.metrics); not part of any stage's identity."""
     progress_percent: int = Field(10, ge=0, le=100)  # a line every this % of an epoch; 0 = none
     progress_after_seconds: float = Field(60.0, ge=0)  # only once an epoch has run this long
+    # the per-epoch metrics and test accuracies also go to MLflow / Weights & Biases (through Ray's
+    # integrations) when set; each needs its package installed
+    mlflow: MLflowConfig | None = None
+    wandb: WandbConfig | None = None
 
 
 class RunConfig(Strict):

@@ -9,11 +9,17 @@
 
 Folders may be local paths or URIs (``s3://``, ``gs://``): each file is rewritten whole (the
 TensorBoard file is written locally and copied up), so object stores work too.
+
+With ``log.mlflow`` or ``log.wandb`` in the config, the same curves (same tag names) and the test
+accuracies also go to MLflow or Weights & Biases, one tracker run per stage named
+``<config name>/<stage>``, through Ray's integrations (``setup_mlflow``, ``setup_wandb``). Neither
+package is required otherwise.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -117,34 +123,90 @@ def _curves(record: dict[str, Any]) -> dict[str, float]:
     return curves
 
 
-class MetricsLog:
-    """A stage's per-epoch metrics in its run folder (rank 0 writes it). A resumed run keeps the
-    epochs before the one it resumes at and rewrites the later ones."""
+def check_trackers(log: Any) -> None:
+    """Before anything runs: a tracker the config asks for must have its package installed."""
+    from mimir.config import ConfigError
 
-    def __init__(self, folder: str, start_epoch: int):
+    for field in ("mlflow", "wandb"):
+        if getattr(log, field) is not None and importlib.util.find_spec(field) is None:
+            raise ConfigError(f"log.{field} is set, but the {field} package is not installed "
+                              f"(pip install {field}), or remove log.{field}")
+
+
+class Tracker:
+    """An experiment tracker run (MLflow or W&B) that receives the same curves as TensorBoard."""
+
+    def __init__(self, log: Any, run_name: str, params: dict[str, Any]):
+        self.mlflow = self.wandb = None
+        if log.mlflow is not None:
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            self.mlflow = setup_mlflow(params, tracking_uri=log.mlflow.tracking_uri,
+                                       experiment_name=log.mlflow.experiment, run_name=run_name,
+                                       create_experiment_if_not_exists=True)
+        if log.wandb is not None:
+            from ray.air.integrations.wandb import setup_wandb
+
+            self.wandb = setup_wandb(params, project=log.wandb.project, name=run_name, mode=log.wandb.mode,
+                                     trial_id=None, trial_name=run_name, group=None)
+
+    @classmethod
+    def for_run(cls, cfg: Any, stage: str) -> Tracker | None:
+        """The stage's tracker run when the config asks for one."""
+        if cfg.log.mlflow is None and cfg.log.wandb is None:
+            return None
+        from mimir.config import flatten
+
+        return cls(cfg.log, f"{cfg.name}/{stage}", flatten(cfg.model_dump(mode="json")))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(values, step=step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class MetricsLog:
+    """A stage's per-epoch metrics in its run folder (rank 0 writes it), and to ``tracker`` when
+    there is one. A resumed run keeps the epochs before the one it resumes at and rewrites the
+    later ones."""
+
+    def __init__(self, folder: str, start_epoch: int, tracker: Tracker | None = None):
         self.fs, self.path = _fs(folder)
         self.records = [r for r in read_history(folder) if r["epoch"] < start_epoch] if start_epoch else []
-        self.events = _Events(folder)
+        self.sinks: list[_Events | Tracker] = [_Events(folder), *([tracker] if tracker else [])]
         for record in self.records:
-            self.events.scalars(_curves(record), record["epoch"] + 1)
+            self._curves(record)
+
+    def _curves(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.scalars(_curves(record), record["epoch"] + 1)  # x axis: epochs done
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         _write(self.fs, f"{self.path}/{HISTORY}", "".join(json.dumps(r) + "\n" for r in self.records).encode())
         _write(self.fs, f"{self.path}/{TABLE}", csv_text(self.records).encode())
-        self.events.scalars(_curves(record), record["epoch"] + 1)  # x axis: epochs done
+        self._curves(record)
 
     def close(self) -> None:
-        self.events.close()
+        for sink in self.sinks:
+            sink.close()
 
 
-def write_evaluation(folder: str, results: dict[str, Any], step: int) -> None:
+def write_evaluation(folder: str, results: dict[str, Any], step: int, tracker: Tracker | None = None) -> None:
     """The test accuracies of an evaluation: ``metrics.csv`` (attack, accuracy %, seconds) and the
-    TensorBoard tags ``evaluate/<attack>`` at ``step`` (the fine-tuning epochs)."""
+    tags ``evaluate/<attack>`` at ``step`` (the fine-tuning epochs) in TensorBoard and ``tracker``."""
     fs, path = _fs(folder)
     rows = [{"attack": attack, "accuracy": accuracy, "seconds": results["attack_seconds"].get(attack),
              "num_images": results["num_images"]} for attack, accuracy in results["accuracy"].items()]
     _write(fs, f"{path}/{TABLE}", csv_text(rows).encode())
-    events = _Events(folder)
-    events.scalars({f"evaluate/{attack}": accuracy for attack, accuracy in results["accuracy"].items()}, step)
-    events.close()
+    accuracies = {f"evaluate/{attack}": accuracy for attack, accuracy in results["accuracy"].items()}
+    for sink in (_Events(folder), *([tracker] if tracker else [])):
+        sink.scalars(accuracies, step)
+        sink.close()

@@ -32,7 +32,7 @@ from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, 
                                  validation_dataset)
 from mimir.evaluate import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
-from mimir.metrics import write_evaluation
+from mimir.metrics import Tracker, check_trackers, write_evaluation
 from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
@@ -461,7 +461,8 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"],
                        evaluate_private_memory_mb=evaluation.get("private_memory_mb"))
-        write_evaluation(_join(storage, "evaluate"), results, step=cfg.finetune.epochs)
+        write_evaluation(_join(storage, "evaluate"), results, step=cfg.finetune.epochs,
+                         tracker=Tracker.for_run(cfg, "evaluate"))
     results["seconds"] = seconds
     return results
 
@@ -485,6 +486,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
     """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
     ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
     resolve_dataset(cfg.data)  # a missing dataset stops here, before Ray starts or anything is removed
+    check_trackers(cfg.log)
     if cfg.data.generated:
         resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated}))
     check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mimir.config import ConfigError, EvalAttack, Strict, build_config, flatten, format_errors, load_yaml, nest
+from mimir.metrics import check_trackers
 
 TRIALS = "trials"
 PRETRAIN_CACHE = "pretrain_cache"
@@ -406,6 +407,7 @@ def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:
     evaluates the objective and the table's columns."""
     for point in spec.grid_points() or [{}]:
         cfg = trial_config(base, spec, point)
+        check_trackers(cfg.log)
         if spec.scheduler is not None and not cfg.finetune.validation.images:
             raise ConfigError(f"scheduler: steers on validation accuracy, but trial {point or 'base'} holds out "
                               "none (finetune.validation.images is 0); set it, or remove the scheduler")

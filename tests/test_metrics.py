@@ -120,3 +120,63 @@ def test_plot_names_a_folder_without_metrics(tmp_path, capsys):
 
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl below it" in capsys.readouterr().err
+
+
+def test_a_tracker_without_its_package_is_a_named_error(monkeypatch):
+    import importlib.util
+
+    from mimir.config import ConfigError, build_config
+    from mimir.metrics import check_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlflow", "wandb") else real(name, *a))
+    check_trackers(build_config({}).log)  # none asked for: nothing needed
+    for field in ("mlflow", "wandb"):
+        with pytest.raises(ConfigError, match=f"log.{field} is set, but the {field} package is not installed"):
+            check_trackers(build_config({"log": {field: {}}}).log)
+
+
+def test_mlflow_receives_the_curves_and_the_test_accuracies(tmp_path, tiny_config):
+    """Through Ray's setup_mlflow, as a worker's rank 0 does (skipped where mlflow is not installed)."""
+    mlflow = pytest.importorskip("mlflow")
+    from mimir.config import build_config
+    from mimir.metrics import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = build_config(tiny_config.model_dump(mode="json") | {"name": "toy", "log": {"mlflow": {"tracking_uri": uri}}})
+    log = MetricsLog(str(tmp_path / "finetune"), 0, Tracker.for_run(cfg, "finetune"))
+    for epoch in range(2):
+        log.append(_epoch(epoch))
+    log.close()
+    write_evaluation(str(tmp_path / "evaluate"), {"accuracy": {"natural": 80.0}, "num_images": 8,
+                                                   "attack_seconds": {"natural": 0.1}}, 10,
+                     Tracker.for_run(cfg, "evaluate"))
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("mimir").experiment_id])}
+    assert set(runs) == {"toy/finetune", "toy/evaluate"}
+    history = client.get_metric_history(runs["toy/finetune"].info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, pytest.approx(1.9))]
+    assert runs["toy/evaluate"].data.metrics == {"evaluate/natural": 80.0}
+    assert runs["toy/finetune"].data.params["finetune.blr"] == str(cfg.finetune.blr)
+
+
+def test_wandb_offline_receives_the_curves(tmp_path, tiny_config, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from mimir.config import build_config
+    from mimir.metrics import Tracker
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # Ray's setup_wandb wants one even offline, where it is never sent
+    cfg = build_config(tiny_config.model_dump(mode="json") | {"name": "toy", "log": {"wandb": {"mode": "offline"}}})
+    tracker = Tracker.for_run(cfg, "pretrain")
+    log = MetricsLog(str(tmp_path / "pretrain"), 0, tracker)
+    log.append(_epoch(0, loss=1.2345))
+    assert tracker.wandb.name == "toy/pretrain" and tracker.wandb.config["pretrain.epochs"] == cfg.pretrain.epochs
+    log.close()
+    assert wandb.run is None  # finished
+    # the offline run file (what `wandb sync` uploads) holds the logged history: its protobuf
+    # records carry the keys and JSON values as plain bytes
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    assert b"train/loss" in data and b"1.2345" in data and b"time/images_per_second" in data

@@ -25,7 +25,7 @@ from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
 from mimir.console import Progress, verbose
 from mimir.data.pipeline import epoch_batches
-from mimir.metrics import MetricsLog
+from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
@@ -111,7 +111,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             print(f"[{stage}] resuming from epoch {start_epoch} of {optim_cfg.epochs}", flush=True)
     shard = ray.train.get_dataset_shard("train")
     local_batch = optim_cfg.batch_size // world
-    epoch_log = MetricsLog(run_folder, start_epoch) if rank == 0 else None
+    epoch_log = MetricsLog(run_folder, start_epoch, Tracker.for_run(cfg, stage)) if rank == 0 else None
     progress = None
     warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
