@@ -2,6 +2,7 @@
 unexpected key and gives mimir's logits; the pre-trained encoder exports with every key."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,12 +16,12 @@ from mimir.models import build_classifier, build_mae
 from mimir.train.checkpoint import save_checkpoint
 
 
-def _run_folder(tmp_path, cfg, pool):
+def _run_folder(tmp_path, cfg, pool, name="run"):
     """A finished run's folder as mimir writes it: config.json, stage records, checkpoints."""
-    cfg = build_config(cfg.model_dump(mode="json") | {"output_dir": str(tmp_path / "run")}
+    run = tmp_path / name
+    cfg = build_config(cfg.model_dump(mode="json") | {"output_dir": str(run)}
                        | {"finetune": cfg.finetune.model_dump(mode="json") | {"global_pool": pool}})
-    run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     classifier = build_classifier(cfg, num_classes=7)
     for parameter in classifier.parameters():  # not the fresh head's zeros: every weight must make it across
@@ -94,3 +95,14 @@ def test_export_names_what_is_wrong(tmp_path, tiny_config, capsys):
     assert main(["export", str(run / "pretrain" / "checkpoint_a"), "--out", str(tmp_path / "x")]) == 2
     assert "is a pretrain checkpoint, not a finetune one" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_readme_snippet_runs(tmp_path, tiny_config, monkeypatch):
+    """The README's timm block, as written, on a run folder at results/quickstart."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Weights for timm and Python", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    _run_folder(tmp_path, tiny_config, "avg", name="results/quickstart")
+    assert main(["export", "results/quickstart", "--out", "export/quickstart"]) == 0
+    exec(compile(snippet, "README.md", "exec"), {})
