@@ -6,11 +6,10 @@ Ray, where nodes are never drained) the Ray Train preemption watcher, whose acto
 an error line per stage that no user can act on. Nothing else is filtered: warnings and errors from
 Ray stay visible. Ray Data's own log file (``ray-data.log`` in the session folder) keeps everything.
 
-Inside an epoch, and through an evaluation, :class:`Progress` prints a line every
-``log.progress_percent`` % (steps or images done, loss, images/s, ETA) once the epoch or evaluation
-has run for ``log.progress_after_seconds``: long ImageNet epochs and AutoAttack runs show life,
-short digits epochs stay one line each. Lines, not bars: the workers' output reaches the console
-through Ray's log stream, which is line-based.
+Inside an epoch, and through an evaluation, :class:`Progress` shows how far it is (steps or images
+done, loss, images/s, ETA) once the epoch or evaluation has run for ``log.progress_after_seconds``:
+a bar on a terminal, a line every ``log.progress_percent`` % in a log. Long ImageNet epochs and
+AutoAttack runs show life; short digits epochs stay one line each.
 """
 
 from __future__ import annotations
@@ -18,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 VERBOSE_ENV = "MIMIR_VERBOSE"
+TERMINAL_ENV = "MIMIR_TERMINAL"  # the driver's console is a terminal: workers draw bars through it
 # exact messages that are noise to a mimir user, by logger
 DROPPED = {
     "ray.data": ("Progress bars disabled. To enable, set",),
@@ -86,42 +87,78 @@ def quiet_this_process() -> None:
 def ray_process_env(local: bool) -> dict[str, str]:
     """Environment for the processes of this job (runtime_env env_vars). On a cluster, Ray's
     defaults: its nodes may be drained, and a config file written here would not exist there."""
+    env = {TERMINAL_ENV: "1"} if sys.stdout.isatty() else {}
     if verbose():
-        return {VERBOSE_ENV: "1"}
+        return {**env, VERBOSE_ENV: "1"}
     if not local:
-        return {}
+        return env
     config = Path(tempfile.gettempdir()) / f"mimir-ray-data-logging-{os.getuid()}.json"
     config.write_text(json.dumps(ray_data_logging_config()))
     # Ray Data reads RAY_DATA_LOGGING_CONFIG as YAML, of which JSON is a subset; no node of a local
     # Ray is ever drained, so there is no preemption to watch for
-    return {"RAY_DATA_LOGGING_CONFIG": str(config), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    return {**env, "RAY_DATA_LOGGING_CONFIG": str(config), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class Progress:
-    """Progress lines for long work (rank 0): ``[finetune] epoch 3/100 40% 400/1000 steps loss 0.71,
-    812 img/s, ETA 5h 12m``. A line is due each time ``done`` passes another ``percent`` % of
-    ``total``, once the work has run for ``after_seconds``; ``queued`` units of the same pace follow
-    this part (the stage's later epochs), so the ETA is the stage's."""
+    """Progress of long work (rank 0): ``[finetune] epoch 3/100 40% 400/1000 steps loss 0.71,
+    812 img/s, ETA 5h 12m``. Once the work has run ``after_seconds``: a bar when the console is a
+    terminal (tqdm; from a Ray worker through Ray's ``tqdm_ray``, which the driver draws), else a
+    line each time ``done`` passes another ``percent`` % of ``total``. ``queued`` units of the same
+    pace follow this part (the stage's later epochs), so the ETA is the stage's."""
+
+    BAR_REFRESH_SECONDS = 1.0
 
     def __init__(self, label: str, total: int, unit: str, percent: int, after_seconds: float, queued: int = 0):
         self.label, self.total, self.unit, self.queued = label, max(1, total), unit, queued
         self.every = self.total * percent / 100 if percent > 0 else 0.0
         self.after_seconds = after_seconds
         self.next_mark = self.every
-        self.started = time.perf_counter()
+        self.started = self.reported = time.perf_counter()
+        self.terminal = sys.stdout.isatty() or os.environ.get(TERMINAL_ENV) == "1"
+        self.bar: Any = None
 
     def due(self, done: int) -> bool:
-        if not self.every or done < self.next_mark or done >= self.total:
+        """Whether to :meth:`report` after ``done`` units (cheap; call it every step)."""
+        if not self.every or done >= self.total:
+            return False
+        if self.terminal:
+            now = time.perf_counter()
+            return now - self.started >= self.after_seconds and now - self.reported >= self.BAR_REFRESH_SECONDS
+        if done < self.next_mark:
             return False
         while self.next_mark <= done:
             self.next_mark += self.every
         return time.perf_counter() - self.started >= self.after_seconds
 
+    def report(self, done: int, detail: str = "") -> None:
+        self.reported = time.perf_counter()
+        if self.terminal:
+            self._bar().n = done
+            self.bar.set_description(f"{self.label}{detail}, ETA {format_duration(self._remaining(done))}")
+        else:
+            print(self.line(done, detail), flush=True)
+
     def line(self, done: int, detail: str = "") -> str:
-        elapsed = time.perf_counter() - self.started
-        remaining = (self.total - done + self.queued) * elapsed / max(done, 1)
         return (f"{self.label} {100 * done // self.total}% {done}/{self.total} {self.unit}{detail}, "
-                f"ETA {format_duration(remaining)}")
+                f"ETA {format_duration(self._remaining(done))}")
+
+    def close(self) -> None:
+        """Ends the bar, if one was drawn (before the line that sums the work up)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _remaining(self, done: int) -> float:
+        return (self.total - done + self.queued) * (time.perf_counter() - self.started) / max(done, 1)
+
+    def _bar(self) -> Any:
+        if self.bar is None:
+            if sys.stdout.isatty():
+                from tqdm.auto import tqdm
+            else:  # a Ray worker, whose driver has the terminal
+                from ray.experimental.tqdm_ray import tqdm
+            self.bar = tqdm(total=self.total, desc=self.label, unit=self.unit)
+        return self.bar
 
 
 def format_duration(seconds: float) -> str:

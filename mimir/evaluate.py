@@ -55,7 +55,9 @@ def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, to
         total += len(y)
         if progress is not None and progress.due(total):
             running = " ".join(f"{name} {100.0 * n / total:.1f}" for name, n in correct.items())
-            print(progress.line(total, f", accuracy so far: {running}"), flush=True)
+            progress.report(total, f", accuracy so far: {running}")
+    if progress is not None:
+        progress.close()
     if total == 0:
         raise ValueError("the test split gave no images to evaluate")
     return {"accuracy": {name: 100.0 * n / total for name, n in correct.items()}, "seconds": seconds,

@@ -68,3 +68,36 @@ def test_durations(seconds, text):
 def test_progress_off():
     progress = console.Progress("[evaluate]", total=10, unit="images", percent=0, after_seconds=0)
     assert not any(progress.due(n) for n in range(11))
+
+
+def test_a_terminal_gets_a_bar_through_ray(monkeypatch):
+    """On a terminal (the driver's, as Ray workers learn from MIMIR_TERMINAL) the progress is one
+    tqdm_ray bar, refreshed at most once a second, closed before the epoch's own line."""
+    import ray.experimental.tqdm_ray
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.unit, self.n, self.closed = total, desc, unit, 0, False
+            bars.append(self)
+
+        def set_description(self, desc):
+            self.desc = desc
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(ray.experimental.tqdm_ray, "tqdm", Bar)
+    monkeypatch.setenv(console.TERMINAL_ENV, "1")
+    clock = iter(float(t) for t in range(0, 1000))  # 1 s per call of the clock
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+    progress = console.Progress("[pretrain] epoch 2/5", total=50, unit="steps", percent=10, after_seconds=3)
+    for step in range(1, 51):
+        if progress.due(step):
+            progress.report(step, f" loss {1 / step:.3f}")
+    (bar,) = bars
+    assert bar.total == 50 and bar.unit == "steps" and 40 <= bar.n < 50
+    assert bar.desc.startswith("[pretrain] epoch 2/5 loss 0.0") and ", ETA " in bar.desc
+    progress.close()
+    assert bar.closed and progress.bar is None

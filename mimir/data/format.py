@@ -266,11 +266,13 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
                 writer.write_table(_to_table(batch, first_index=total + in_shard))
                 in_shard += len(batch)
                 if progress is not None and progress.due(total + in_shard):
-                    print(progress.line(total + in_shard), flush=True)
+                    progress.report(total + in_shard)
                 batch = list(islice(rows, min(rows_per_shard - in_shard, _ROW_GROUP_ROWS)))
         total += in_shard
         files.append(rel)
         digests[rel] = _sha256(root / rel)
+    if progress is not None:
+        progress.close()
     return {"num_rows": total, "files": files, "sha256": digests}
 
 

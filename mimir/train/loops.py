@@ -140,7 +140,9 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             images_seen += batch["image"].shape[0]
             if progress is not None and progress.due(steps):
                 rate = images_seen * world / (time.perf_counter() - started)
-                print(progress.line(steps, f" loss {metrics['loss'].item():.4g}, {rate:.0f} img/s"), flush=True)
+                progress.report(steps, f" loss {metrics['loss'].item():.4g}, {rate:.0f} img/s")
+        if progress is not None:
+            progress.close()
         if steps == 0:
             raise RuntimeError(f"[{stage}] worker {rank} got no full batch of {local_batch} images; "
                                "lower the batch size or use fewer workers")
