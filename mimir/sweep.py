@@ -2,9 +2,14 @@
 same pre-train -> fine-tune -> evaluate pipeline as ``mimir run``.
 
 A spec either lists ``rows`` (the cells of a paper table; each row is one trial, searched as a grid)
-or gives a ``space`` of distributions for Optuna's TPE. Every trial writes its own
+or gives a ``space`` of distributions for Optuna's TPE. Every trial's record is its
 ``results.json`` under ``<experiment>/trials/<trial id>/``; pre-training is cached under
-``<experiment>/pretrain_cache/<pretrain hash>/`` so trials that differ only in fine-tuning share one.
+``<storage>/pretrain_cache/<pretrain hash>/`` so trials that differ only in fine-tuning share one,
+one trial filling it while the others wait (a lease held through a Ray actor, so trials on any node
+of a cluster agree). ``<storage>`` is the experiment folder, or ``<scaling.storage_path>/<experiment
+name>`` when the config sets one (a URI works): the trials' training runs, the cache and Tune's state
+live there, and the driver keeps each trial's record in the experiment folder from what the trial
+reported to Tune, so trials on other nodes need no shared disk.
 With ``seeds: N`` a trial runs its point N times (seeds ``seed`` .. ``seed + N - 1``, one after
 another, each in ``<trial>/seed-<s>/``, pre-training cached per seed) and reports the mean.
 
@@ -30,6 +35,7 @@ from mimir.config import ConfigError, EvalAttack, Strict, build_config, flatten,
 from mimir.metrics import check_trackers
 
 TRIALS = "trials"
+RECORD = "record_json"  # a trial's final Tune report carries its results record
 PRETRAIN_CACHE = "pretrain_cache"
 FAILED = "failed.json"  # a trial folder's record of why it failed (runner.record_failure)
 
@@ -183,12 +189,26 @@ class TrialFailed(RuntimeError):
 
 
 def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
-    """One trial: the pipeline of ``mimir run`` under the trial's folder, with the pre-training cache."""
+    """One trial: the pipeline of ``mimir run`` with the sweep's pre-training cache. Its training
+    runs live at the trial folder's place under the sweep's storage (``sweep_storage``)."""
     from mimir import runner
 
     trial_dir.mkdir(parents=True, exist_ok=True)
-    return runner.run_stages(cfg, storage=str(trial_dir), resume=True,
-                             pretrain_cache=str(experiment / PRETRAIN_CACHE), callbacks=callbacks)
+    root = cfg.scaling.storage_path or str(experiment)
+    storage = "/".join([root.rstrip("/"), *trial_dir.relative_to(experiment).parts])
+    return runner.run_stages(cfg, storage=storage, resume=True, pretrain_cache=f"{root.rstrip('/')}/{PRETRAIN_CACHE}",
+                             callbacks=callbacks)
+
+
+def sweep_storage(base: dict[str, Any], spec: SweepSpec, experiment: Path) -> str:
+    """Where a sweep's training runs, pre-training cache and Tune state live: the experiment folder,
+    or with ``scaling.storage_path`` (a path, or a URI such as s3://) a folder of the experiment's
+    name under it. Trial records, tables and the Optuna database stay in the experiment folder."""
+    root = trial_config(base, spec, {}).scaling.storage_path
+    if root is None:
+        return str(experiment)
+    root = root if "://" in root else str(Path(root).expanduser().resolve())
+    return f"{root.rstrip('/')}/{experiment.name}"
 
 
 def _validation_callback(metric: str, seed_index: int, epochs: int, seeds: int) -> Any:
@@ -292,7 +312,7 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
 
 
 def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
-               run: TrialRunner = run_trial) -> None:
+               storage: str, run: TrialRunner = run_trial) -> None:
     """The Tune trial: build the trial's config, run it with each seed (once more at lr / 10 on NaN),
     report the final values. A failure is written to the trial's folder and raised, so Tune records
     the trial as errored."""
@@ -305,6 +325,7 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     point = _decode_point(params)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"storage_path": storage})})
     try:
         results = run_point(cfg, spec, Path(experiment), trial_dir, run=run)
     except Exception as err:
@@ -313,7 +334,9 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
-                 "retried": bool(results.get("retried"))})
+                 "retried": bool(results.get("retried")),
+                 # the record, for the driver to keep where the trial's own node cannot write
+                 RECORD: json.dumps(results)})
 
 
 def max_finetune_epochs(spec: SweepSpec, base: dict[str, Any]) -> int:
@@ -351,7 +374,7 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     class FinalValueSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
-    from mimir.runner import init_ray
+    from mimir.runner import init_ray, pretrain_leases, release_pretrain_leases
 
     spec, base = load_spec(spec_path)
     if overrides:
@@ -362,23 +385,26 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     (experiment / "spec.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"),
                                                       "spec_path": str(Path(spec_path).resolve())}, indent=2))
     init_ray()
+    storage = sweep_storage(base, spec, experiment)
+    # the trials' lock on the pre-training cache, owned here so that it outlives every trial
+    leases = pretrain_leases(f"{storage}/{PRETRAIN_CACHE}")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment),
-                             run=run),
+                             storage=storage, run=run),
         # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
         {"cpu": 0, "memory": 256 * 1024**2})
-    tune_dir = experiment / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=False, restart_errored=False)
+    tune_dir = f"{storage}/tune"
+    if resume and tune.Tuner.can_restore(tune_dir):
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
     else:
-        if tune_dir.exists():
-            raise ConfigError(f"{experiment} already holds this sweep; pass --resume to continue it, or --out "
-                              "another folder")
+        if _exists(tune_dir):
+            raise ConfigError(f"{experiment} already holds this sweep (in {tune_dir}); pass --resume to continue it, "
+                              "or --out another folder")
         space, points, num_samples = _optuna_space(spec)
-        storage = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
+        database = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
         searcher = FinalValueSearch(space, metric="objective", mode=spec.objective.mode, points_to_evaluate=points,
                                     sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                                    study_name=study_name(spec, experiment), storage=storage)
+                                    study_name=study_name(spec, experiment), storage=database)
         scheduler = None
         if spec.scheduler is not None:
             scheduler = ASHAScheduler(time_attr="finetune_epoch", metric="objective", mode=spec.objective.mode,
@@ -391,15 +417,57 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
             # torch and mimir already (seconds per trial on a small machine)
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, spec.max_concurrent),
                                         scheduler=scheduler, num_samples=num_samples, reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=str(experiment), verbose=1,
+            run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
     grid = tuner.fit()
+    release_pretrain_leases(leases)
     for result in grid:
+        keep_record(experiment, base, spec, result)
         if result.error:
             print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
                   flush=True)
     return experiment
+
+
+def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result: Any) -> None:
+    """A trial's ``results.json`` (or ``failed.json``) in the experiment folder, from what it reported
+    to Tune, where its own process could not write it (it ran on another node of a cluster)."""
+    from mimir.runner import write_json_atomically
+
+    # Tune names a trial's folder "<trainable>_<trial id>_<index>_..."; the trainable is "_trainable"
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("_trainable_").split("_")[0]
+    trial_dir = experiment / TRIALS / trial_id
+    if (trial_dir / "results.json").exists() or (trial_dir / FAILED).exists():
+        return
+    if RECORD in (result.metrics or {}):
+        write_json_atomically(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
+    elif result.error is not None:
+        params = result.config or json.loads(_read(f"{result.path}/params.json"))  # restored: only on storage
+        cfg = trial_config(base, spec, _decode_point(params), output_dir=str(trial_dir))
+        # the traceback's last line, "package.module.Error: message", as the trial itself words it
+        name, _, message = str(result.error).strip().splitlines()[-1].partition(": ")
+        write_json_atomically(trial_dir / FAILED, {"config": cfg.model_dump(mode="json"),
+                                                   "reason": f"{name.rsplit('.', 1)[-1]}: {message}"})
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = _fs(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def _read(path: str) -> str:
+    fs, inner = _fs(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read().decode()
 
 
 def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:

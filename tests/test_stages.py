@@ -128,3 +128,49 @@ def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path
         (tmp_path / "finetune" / name / "state.json").write_text(json.dumps({"epoch": epoch}))
     assert factory() == "data from epoch 5" and built == [5]
     assert runner.resume_epoch(str(tmp_path), "pretrain") == 0
+
+
+def test_pretrain_leases_exclude_and_lapse(monkeypatch):
+    """One trial at a time fills a cached pre-training; a holder that stops renewing (its process
+    or node died) loses the lease after lease_seconds."""
+    from mimir import runner
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    leases = runner.PretrainLeases(lease_seconds=60)
+    assert leases.try_acquire("abc", "trial-1") and not leases.try_acquire("abc", "trial-2")
+    assert leases.try_acquire("other", "trial-2")  # another pre-training is free
+    clock[0] += 50
+    leases.renew("abc", "trial-1")
+    clock[0] += 50  # 100 s after taking it, 50 after renewing: still held
+    assert not leases.try_acquire("abc", "trial-2")
+    leases.release("abc", "trial-2")  # only the holder releases
+    assert not leases.try_acquire("abc", "trial-2")
+    clock[0] += 61  # trial-1 went silent
+    assert leases.try_acquire("abc", "trial-2")
+    leases.release("abc", "trial-2")
+    assert leases.try_acquire("abc", "trial-3")
+
+
+def test_one_trial_at_a_time_fills_a_cached_pretraining(ray_local, tmp_path):
+    """Through the leases actor, as trials on several nodes would: never two inside at once."""
+    import threading
+    import time
+
+    from mimir import runner
+
+    inside, seen = [0], []
+
+    def trial():
+        with runner.cache_lease(f"file://{tmp_path}/pretrain_cache", "abc"):
+            inside[0] += 1
+            seen.append(inside[0])
+            time.sleep(0.3)
+            inside[0] -= 1
+
+    threads = [threading.Thread(target=trial) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert seen == [1, 1, 1]

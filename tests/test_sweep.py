@@ -182,6 +182,18 @@ def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, tmp_pa
     spec, _ = load_spec(spec_path)
     markdown = write_reports(spec, experiment)
     assert "1 of 3 rows finished, 2 failed" in markdown and "| diverges | failed |" in markdown
+    # trials that ran on another node wrote their records there: the driver keeps them from what
+    # they reported to Tune (emulated: the records written here are removed, the sweep resumed)
+    records = {p.relative_to(experiment): json.loads(p.read_text()) for p in experiment.glob("trials/*/*.json")}
+    for path in records:
+        (experiment / path).unlink()
+    run_sweep(spec_path, out=str(tmp_path / "exp"), resume=True, run=fake_trial)
+    kept = {p.relative_to(experiment): json.loads(p.read_text()) for p in experiment.glob("trials/*/*.json")}
+    assert kept.keys() == records.keys()
+    assert [kept[p] for p in sorted(kept) if p.name == "results.json"] == [
+        records[p] for p in sorted(records) if p.name == "results.json"]
+    assert sorted(r["reason"].split(":")[0] for r in kept.values() if "reason" in r) == ["DatasetError", "TrialFailed"]
+    assert "| diverges | failed |" in write_reports(spec, experiment)
 
 
 def test_a_grid_sweep_records_every_trial_in_tune_and_optuna_and_resumes(ray_local, tmp_path, fake_trial):
@@ -244,17 +256,22 @@ def test_asha_steers_on_validation_and_never_stops_a_trial_before_its_evaluation
 
 
 def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path):
-    """The one sweep that really trains: two trials that differ in fine-tuning share a pre-training."""
+    """The one sweep that really trains: two trials that differ in fine-tuning share a pre-training,
+    with scaling.storage_path a URI (as s3:// on a cluster): runs, cache and Tune state live there."""
     overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
                  "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
-                 "evaluate.attacks=[natural, pgd20]"]
+                 "evaluate.attacks=[natural, pgd20]", f"scaling.storage_path=file://{tmp_path}/bucket/sweeps"]
     spec_path = _spec(tmp_path, (
         "resources: {num_workers: 1, cpus_per_worker: 1}\n"
         "space: {finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n"))
     experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 2
-    assert len(list((experiment / "pretrain_cache").glob("*/mimir_stage.json"))) == 1
+    stored = tmp_path / "bucket" / "sweeps" / "exp"
+    assert len(list((stored / "pretrain_cache").glob("*/mimir_stage.json"))) == 1
+    assert len(list((stored / "trials").glob("*/finetune/mimir_stage.json"))) == 2
+    assert (stored / "tune").is_dir() and not (experiment / "tune").exists()
+    assert not list(experiment.glob("pretrain_cache")) and not list(experiment.glob("trials/*/finetune"))
     assert sorted(r["pretrain_cache_hit"] for r in results) == [False, True]
     assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
     assert all(0 <= r["accuracy"]["pgd20"] <= r["accuracy"]["natural"] <= 100 for r in results)
