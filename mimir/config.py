@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mimir.models.registry import ARCHITECTURES
 
@@ -243,6 +243,9 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between workers
     cpus_per_worker: float = Field(1.0, gt=0)
+    # custom Ray resources each worker also asks for, e.g. {"spot": 1} or {"accelerator_type:A100": 0.001}:
+    # places workers on the nodes that offer them
+    resources_per_worker: dict[str, float] = {}
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; default cpus_per_worker
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts from the last checkpoint; -1 = forever
@@ -252,6 +255,16 @@ class ScalingConfig(Strict):
     # torch's deterministic algorithms (and no cuDNN autotuning): on GPUs, same seed -> same weights,
     # at some speed; CPU runs are deterministic without it
     deterministic: bool = False
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        standard = sorted(set(resources) & {"CPU", "GPU", "memory"})
+        if standard:
+            raise ValueError(f"{standard} belong in cpus_per_worker / gpus_per_worker; only custom resources here")
+        if any(value <= 0 for value in resources.values()):
+            raise ValueError("every custom resource amount must be > 0")
+        return resources
 
 
 class MLflowConfig(Strict):

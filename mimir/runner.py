@@ -188,7 +188,7 @@ def remove_stage(storage: str, name: str) -> None:
 # -- trainers -----------------------------------------------------------------------------------
 def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
+    resources = {**s.resources_per_worker, "CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
