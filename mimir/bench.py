@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from mimir.attacks import reconstruction_attack
 from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse_overrides
-from mimir.memory import PeakRSS
+from mimir.memory import PeakRSS, available_mb
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
@@ -133,12 +133,12 @@ class _Timed:
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def _method_step(method: str, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
-                 device: torch.device) -> _Timed:
-    """One real training step of ``method`` on the fixed batch."""
+def stage_step(stage: str, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> _Timed:
+    """One real training step of a stage (``pretrain`` or ``finetune``) of ``cfg`` on the fixed batch."""
     torch.manual_seed(cfg.seed)  # every method starts from the same initialization
     precision = Precision.create(cfg.scaling.precision, device)
-    if METHODS[method][0] == "pretrain":
+    if stage == "pretrain":
         mae = build_mae(cfg).to(device).train()
         optimizer = pretrain_optimizer(mae, cfg.pretrain)
         penalty = MIPenalty.from_config(cfg.pretrain.mi)
@@ -199,6 +199,116 @@ def _step_memory_mb(step: Callable[[], Any], device: torch.device) -> float | No
     return peak.grown_mb()
 
 
+# -- will it fit? -------------------------------------------------------------------------------
+PROBE_BATCHES = (16, 32)  # smaller batches understate the per-image slope (allocator granularity)
+ACTIVATION_MARGIN = 1.25  # the linear fit's error at 4x the larger probe, measured on CPU: -25 % to +11 %
+HEADROOM = 0.9  # of the memory available, what the steps may plan to take
+
+
+@dataclass
+class MemoryEstimate:
+    """A step's memory as ``state_mb`` (weights, gradients, optimizer state) plus activations that
+    grow linearly with the batch, fitted on two small real steps."""
+
+    state_mb: float
+    base_mb: float
+    per_image_mb: float
+
+    def step_mb(self, batch: int) -> float:
+        return ACTIVATION_MARGIN * max(self.base_mb + self.per_image_mb * batch, 0.0)
+
+    def times(self, workers: int) -> MemoryEstimate:
+        """``workers`` such steps side by side on one machine."""
+        return MemoryEstimate(self.state_mb * workers, self.base_mb * workers, self.per_image_mb * workers)
+
+
+def _probe(stage: str, cfg: RunConfig, device: torch.device, batch: int) -> tuple[float | None, float]:
+    """One real step's memory (after a warm-up step, which allocates the optimizer state) and the
+    state it keeps, at ``batch`` images."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, cfg.data.img_size, cfg.data.img_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+    timed = stage_step(stage, cfg, images, labels, device)
+    timed.step()
+    return _step_memory_mb(timed.step, device), timed.state_mb()
+
+
+def estimate_memory(stage: str, cfg: RunConfig, device: torch.device) -> MemoryEstimate | None:
+    """Fit a stage's step memory on real steps of ``PROBE_BATCHES`` images; None where the OS cannot tell."""
+    (small, large) = PROBE_BATCHES
+    (m_small, state_mb), (m_large, _) = _probe(stage, cfg, device, small), _probe(stage, cfg, device, large)
+    if m_small is None or m_large is None:
+        return None
+    per_image = max((m_large - m_small) / (large - small), 0.0)
+    return MemoryEstimate(state_mb, m_small - per_image * small, per_image)
+
+
+def upper_bound_memory(stage: str, cfg: RunConfig, device: torch.device) -> MemoryEstimate | None:
+    """One probe, every megabyte of its step counted as growing with the batch: above the fitted
+    estimate for any batch beyond the probe (a step's fixed part is not negative). Cheap, for ruling
+    out the common case where the batch fits by far."""
+    small = PROBE_BATCHES[0]
+    step_mb, state_mb = _probe(stage, cfg, device, small)
+    return None if step_mb is None else MemoryEstimate(state_mb, 0.0, step_mb / small)
+
+
+def largest_batch(estimates: dict[str, MemoryEstimate], budget_mb: float, multiple: int = 8) -> int:
+    """The largest batch (a multiple of ``multiple``) at which the states of all and the largest step fit."""
+    room = (budget_mb - sum(e.state_mb for e in estimates.values())) / ACTIVATION_MARGIN
+    fits = min((room - e.base_mb) / e.per_image_mb if e.per_image_mb > 0 else float("inf")
+               for e in estimates.values())
+    return max(int(fits // multiple) * multiple, 0)
+
+
+def check_memory(estimates: dict[str, MemoryEstimate | None], batch: int, device: torch.device,
+                 what: str = "--batch", workers: int = 1) -> None:
+    """Refuse, before any long work, a batch whose steps would not fit in this machine's memory:
+    the states of every step kept alive together plus the largest step's activations. ``batch`` is
+    per worker; the message names the batch of ``what``, ``workers`` times that."""
+    known = {name: e for name, e in estimates.items() if e is not None}
+    available = available_mb(device)
+    if not known or available is None:
+        return
+    state = sum(e.state_mb for e in known.values())
+    largest = max(known, key=lambda name: known[name].step_mb(batch))
+    need = state + known[largest].step_mb(batch)
+    if need <= HEADROOM * available:
+        return
+    fits = largest_batch(known, HEADROOM * available)
+    advice = f"{what} {fits * workers} fits" if fits else "no batch fits; use a smaller model or a larger machine"
+    raise ConfigError(
+        f"{what} {batch * workers} does not fit in this machine's memory: {largest} needs about {need / 1024:.1f} GB "
+        f"({state / 1024:.1f} GB of weights, gradients and optimizer state, {known[largest].step_mb(batch) / 1024:.1f} "
+        f"GB for one step, estimated from steps of {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]} images) and "
+        f"{available / 1024:.1f} GB are available on {device.type}; {advice}")
+
+
+def check_run_memory(cfg: RunConfig, stages: tuple[str, ...] | list[str]) -> None:
+    """``mimir run``'s guard, before Ray starts: each training stage's per-worker batch must fit this
+    machine (CPU workers share its memory; a GPU worker has a GPU of its own). Only for a local Ray:
+    a cluster's workers run on other machines."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    workers = 1 if gpu else cfg.scaling.num_workers
+    for stage in ("pretrain", "finetune"):
+        if stage not in stages or (stage == "pretrain" and not cfg.pretrain.enabled):
+            continue
+        batch = getattr(cfg, stage).batch_size // cfg.scaling.num_workers
+        bound, available = upper_bound_memory(stage, cfg, device), available_mb(device)
+        if bound is None or available is None:
+            continue
+        bound = bound.times(workers)
+        if bound.state_mb + bound.step_mb(batch) <= HEADROOM * available / 2:
+            continue  # fits by far: no need for the finer estimate
+        estimate = estimate_memory(stage, cfg, device)
+        check_memory({stage: estimate.times(workers) if estimate else None}, batch, device,
+                     what=f"{stage}.batch_size", workers=cfg.scaling.num_workers)
+
+
 def _summary(seconds: list[float]) -> dict[str, Any]:
     arr = np.asarray(seconds)
     return {"step_seconds": seconds, "median_s": float(np.median(arr)), "min_s": float(arr.min()),
@@ -220,7 +330,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
 
-    timers = {m: _method_step(m, configs[m], images, labels, device) for m in methods}
+    check_memory({m: estimate_memory(METHODS[m][0], configs[m], device) for m in methods}, args.batch, device)
+    timers = {m: stage_step(METHODS[m][0], configs[m], images, labels, device) for m in methods}
     probes = {MI_PROBES[m]: _mi_probe(MI_PROBES[m], configs[m], images, device) for m in methods if m in MI_PROBES}
     timers.update({f"mi:{name}": probe for name, (probe, _) in probes.items()})
     timers[ATTACK_PROBE] = _attack_probe(configs[REFERENCE], images, device)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -65,3 +69,41 @@ class PrivateMemoryPeak:
 
     def grown_mb(self) -> float | None:
         return None if self.start_kb is None else (self.peak_kb - self.start_kb) / 1024
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_mb(device: torch.device) -> float | None:
+    """Memory this process could still take: free GPU memory, or on the CPU the smaller of the
+    kernel's MemAvailable and what the cgroup (a container's limit) leaves; None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    candidates = []
+    meminfo = _meminfo_kb("MemAvailable")
+    if meminfo is not None:
+        candidates.append(meminfo / 1024)
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        candidates.append((limit - used) / 2**20)
+    return min(candidates) if candidates else None
+
+
+def _meminfo_kb(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

@@ -28,6 +28,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from mimir.bench import check_run_memory
 from mimir.config import RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
@@ -563,6 +564,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
         resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated}))
     check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
                  finetuned_given=finetuned is not None)
+    check_run_memory(cfg, stages)  # an OOM kill an hour in is worse than a message now
     init_ray()
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
