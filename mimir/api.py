@@ -100,7 +100,7 @@ def sweep(spec: str | Path, *overrides: str, out: str | Path | None = None, stor
     """``mimir sweep``: runs the spec's trials and writes its tables; returns the experiment folder,
     the Markdown table and every finished trial's results record."""
     from mimir.report import collect_trials, write_reports
-    from mimir.sweep import load_spec, run_sweep
+    from mimir.sweeps import load_spec, run_sweep
 
     experiment = run_sweep(spec, _overrides(overrides, fields), out=str(out) if out else None, storage_url=storage,
                            resume=resume)
@@ -112,7 +112,7 @@ def sweep(spec: str | Path, *overrides: str, out: str | Path | None = None, stor
 def load_classifier(run: str | Path, which: str | None = None, device: str | torch.device = "cpu") -> Classifier:
     """The fine-tuned classifier of a run folder (or a fine-tuning checkpoint folder), in eval mode,
     taking [0, 1] images. ``which``: ``best`` or ``last`` (default: the one evaluation used)."""
-    from mimir.evaluate import load_classifier as load_weights_into_classifier
+    from mimir.evaluation import load_classifier as load_weights_into_classifier
     from mimir.export import checkpoint_directory, find_checkpoint
 
     with checkpoint_directory(find_checkpoint(run, "finetune", which), "finetune") as (directory, state):

@@ -72,7 +72,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from mimir.report import write_reports
-    from mimir.sweep import load_spec, run_sweep
+    from mimir.sweeps import load_spec, run_sweep
 
     experiment = run_sweep(args.spec, args.overrides, out=args.out, storage_url=args.storage, resume=args.resume)
     spec, _ = load_spec(args.spec)
@@ -83,7 +83,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     from mimir.report import write_reports
-    from mimir.sweep import experiment_dir, load_spec
+    from mimir.sweeps import experiment_dir, load_spec
 
     spec, _ = load_spec(args.spec)
     experiment = experiment_dir(spec, args.out)

@@ -31,7 +31,7 @@ import timm.models
 import torch.nn as nn
 
 from mimir.config import ConfigError, RunConfig
-from mimir.evaluate import load_classifier as load_classifier_weights
+from mimir.evaluation import load_classifier as load_classifier_weights
 from mimir.models import create_encoder
 from mimir.runner import read_stage_record, stage_checkpoint, storage_root
 from mimir.train.checkpoint import STATE, WEIGHTS, load_state, load_weights

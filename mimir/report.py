@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mimir.sweep import FAILED, TRIALS, SweepSpec
+from mimir.sweeps import FAILED, TRIALS, SweepSpec
 
 TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AA",
           "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}

@@ -33,7 +33,7 @@ from mimir.config import RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
-from mimir.evaluate import evaluate_batches, load_classifier
+from mimir.evaluation import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
 from mimir.metrics import Tracker, check_trackers, write_evaluation
 from mimir.data.format import load_manifest

@@ -58,3 +58,14 @@ def test_config_show_prints_the_resolved_config(capsys):
 def test_config_show_names_a_bad_override(capsys):
     assert main(["config", "show", QUICKSTART, "pretrain.epochz=3"]) == 2
     assert "pretrain.epochz" in capsys.readouterr().err
+
+
+def test_the_api_names_survive_their_namesake_modules():
+    """mimir.evaluate / mimir.sweep are functions even after everything is imported (a submodule of
+    the same name would replace the attribute on import)."""
+    import mimir
+    import mimir.runner  # imports the evaluation and, through the API, everything else
+    from mimir import api
+
+    for name in mimir.API:
+        assert getattr(mimir, name) is getattr(api, name), name

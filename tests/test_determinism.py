@@ -21,7 +21,7 @@ import mimir
 from mimir import cli, runner
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, resolve_dataset
-from mimir.evaluate import evaluate_classifier
+from mimir.evaluation import evaluate_classifier
 from mimir.metrics import read_history
 from test_metrics import read_events
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimir import attacks, evaluate
+from mimir import attacks, evaluation
 from mimir.config import build_config, load_config
 from mimir.mi import MIPenalty, hsic_cca, make_estimator, renyi_mi
 from mimir.mi_scale import first_batch, measure
@@ -307,7 +307,7 @@ def test_pgd_mi_uses_the_authors_penalty_even_for_lambda_zero_pretraining(tiny_c
     seen = []
     monkeypatch.setattr(attacks, "pgd_mi", lambda model, x, y, penalty, *a: seen.append(penalty) or x)
     x = torch.rand(4, 3, 16, 16)
-    evaluate._attack("pgd_mi", build_classifier(cfg, 10), x, torch.arange(4), cfg)
+    evaluation._attack("pgd_mi", build_classifier(cfg, 10), x, torch.arange(4), cfg)
     penalty, = seen
     z = torch.randn(4, 32)
     assert penalty.weight == 1e-5 and not penalty.on_clean

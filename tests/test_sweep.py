@@ -16,7 +16,7 @@ from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
 from mimir.runner import NonFiniteRun
-from mimir.sweep import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
+from mimir.sweeps import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
                          run_with_retry, study_name)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,7 +294,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_loc
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import ray.cloudpickle, sweep_fakes\n"
         "ray.cloudpickle.register_pickle_by_value(sweep_fakes)\n"
-        "from mimir.sweep import run_sweep\n"
+        "from mimir.sweeps import run_sweep\n"
         f"run_sweep({str(spec_path)!r}, out={str(out)!r}, run=sweep_fakes.fake_trial)\n")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     sweep = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE,
