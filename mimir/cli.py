@@ -71,13 +71,11 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mimir.report import write_reports
-    from mimir.sweeps import load_spec, run_sweep
+    from mimir import api
 
-    experiment = run_sweep(args.spec, args.overrides, out=args.out, storage_url=args.storage, resume=args.resume)
-    spec, _ = load_spec(args.spec)
-    print(write_reports(spec, experiment))
-    print(f"experiment: {experiment}")
+    result = api.sweep(args.spec, *args.overrides, out=args.out, storage=args.storage, resume=args.resume)
+    print(result["table"])
+    print(f"experiment: {result['experiment']}")
     return 0
 
 
