@@ -24,7 +24,9 @@ WORKER_NODE = {"num_cpus": 2, "resources": {"rehearsal_worker": 1}}
 def main(config: str, data_root: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # a dead node is noticed after 2 missed health checks of 1 s (Ray's defaults wait longer)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}})
     workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address  # mimir joins it as it joins any cluster

@@ -358,20 +358,20 @@ def test_job_server_refuses_requests_without_the_token(ray_head):
     assert _get(f"{ray_head.address}/api/jobs/", ray_head.token) == 200
 
 
-def test_ray_job_submit_runs_the_quickstart_on_the_cluster(ray_head, tmp_path):
+def test_ray_job_submit_runs_mimir_on_the_cluster(ray_head, tmp_path):
     out = tmp_path / "out"  # absolute: the job runs in a copy of the working dir
     result = _run([str(BIN / "ray"), "job", "submit", "--address", ray_head.address, "--working-dir", str(REPO),
                    "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--",
-                   "mimir", "run", "configs/quickstart.yaml", "pretrain.epochs=1", "pretrain.warmup_epochs=0",
-                   "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.attack.steps=1",
-                   "evaluate.num_images=32", f"data.root={tmp_path / 'data'}", f"output_dir={out}"],
+                   "mimir", "pretrain", "configs/quickstart.yaml", "pretrain.epochs=1", "pretrain.warmup_epochs=0",
+                   f"data.root={tmp_path / 'data'}", f"output_dir={out}"],
                   ray_head.env, timeout=360)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in output, output[-6000:]
+    # a Ray Train stage ran on the cluster and wrote its record, metrics and checkpoint where asked
+    # (the whole pipeline on a Ray is the determinism test's; here the job path is what is tested)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["accuracy"]) == {"natural", "pgd20"} and results["num_images"] == 32
-    assert all(0.0 <= acc <= 100.0 for acc in results["accuracy"].values())
-    assert (out / "pretrain" / "mimir_stage.json").is_file() and (out / "finetune" / "mimir_stage.json").is_file()
+    assert results["pretrain"]["metrics"]["epoch"] == 0 and "[pretrain] epoch 1/1" in output
+    assert (out / "pretrain" / "mimir_stage.json").is_file() and (out / "pretrain" / "metrics.csv").is_file()
 
 
 SUBMIT = ("import argparse, sys\n"

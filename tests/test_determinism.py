@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TIMINGS = {"seconds", "images_per_second", "validation_seconds", "probe_seconds"}
 RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")
+SHARED_RAY_WORKERS = re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")
 MIMIR_LINE = re.compile(r"^(\[(pretrain|finetune|evaluate|sweep)\] |\| |\|---|\(\d+ test images|time: |results: )")
 
 
@@ -60,9 +61,12 @@ def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:
 
 
 def _foreign_lines(console: str) -> list[str]:
-    """Console lines that are not mimir's own (Ray's "(Actor pid=N)" prefix removed)."""
+    """Console lines that are not mimir's own (Ray's "(Actor pid=N)" prefix removed). One Ray core
+    warning is let through: the Ray these tests share has started, over many tests, more worker
+    processes than 4x this machine's cores, which Ray's raylet reports with no way to silence it
+    (ray-project/ray#63800); a single run on a fresh Ray stays below it."""
     lines = [RAY_PREFIX.sub("", line) for line in console.splitlines() if line.strip()]
-    return [line for line in lines if not MIMIR_LINE.match(line)]
+    return [line for line in lines if not MIMIR_LINE.match(line) and not SHARED_RAY_WORKERS.search(line)]
 
 
 def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_resume(
