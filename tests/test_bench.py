@@ -94,7 +94,7 @@ def test_mimir_run_refuses_a_batch_that_cannot_fit_before_ray(monkeypatch, tmp_p
     from mimir.config import load_config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(bench, "available_mb", lambda device: 40.0)
+    monkeypatch.setattr(bench, "available_mb", lambda device: 200.0)  # room for a small batch, far from 4096
     monkeypatch.setattr(runner, "init_ray", lambda: pytest.fail("Ray must not start"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}", f"data.root={data_root}",
                                                   "scaling.num_workers=2", "pretrain.batch_size=4096"])
