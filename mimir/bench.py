@@ -233,23 +233,17 @@ def _probe(stage: str, cfg: RunConfig, device: torch.device, batch: int) -> tupl
     return _step_memory_mb(timed.step, device), timed.state_mb()
 
 
-def estimate_memory(stage: str, cfg: RunConfig, device: torch.device) -> MemoryEstimate | None:
-    """Fit a stage's step memory on real steps of ``PROBE_BATCHES`` images; None where the OS cannot tell."""
+def estimate_memory(stage: str, cfg: RunConfig, device: torch.device,
+                    first: tuple[float | None, float] | None = None) -> MemoryEstimate | None:
+    """Fit a stage's step memory on real steps of ``PROBE_BATCHES`` images (``first``: the smaller
+    probe's result, when already taken); None where the OS cannot tell."""
     (small, large) = PROBE_BATCHES
-    (m_small, state_mb), (m_large, _) = _probe(stage, cfg, device, small), _probe(stage, cfg, device, large)
+    m_small, state_mb = first or _probe(stage, cfg, device, small)
+    m_large, _ = _probe(stage, cfg, device, large)
     if m_small is None or m_large is None:
         return None
     per_image = max((m_large - m_small) / (large - small), 0.0)
     return MemoryEstimate(state_mb, m_small - per_image * small, per_image)
-
-
-def upper_bound_memory(stage: str, cfg: RunConfig, device: torch.device) -> MemoryEstimate | None:
-    """One probe, every megabyte of its step counted as growing with the batch: above the fitted
-    estimate for any batch beyond the probe (a step's fixed part is not negative). Cheap, for ruling
-    out the common case where the batch fits by far."""
-    small = PROBE_BATCHES[0]
-    step_mb, state_mb = _probe(stage, cfg, device, small)
-    return None if step_mb is None else MemoryEstimate(state_mb, 0.0, step_mb / small)
 
 
 def largest_batch(estimates: dict[str, MemoryEstimate], budget_mb: float, multiple: int = 8) -> int:
@@ -298,13 +292,15 @@ def check_run_memory(cfg: RunConfig, stages: tuple[str, ...] | list[str]) -> Non
         if stage not in stages or (stage == "pretrain" and not cfg.pretrain.enabled):
             continue
         batch = getattr(cfg, stage).batch_size // cfg.scaling.num_workers
-        bound, available = upper_bound_memory(stage, cfg, device), available_mb(device)
-        if bound is None or available is None:
+        first, available = _probe(stage, cfg, device, PROBE_BATCHES[0]), available_mb(device)
+        if first[0] is None or available is None:
             continue
-        bound = bound.times(workers)
+        # every megabyte of the probe's step counted as growing with the batch: above the fitted
+        # estimate for any batch beyond the probe (a step's fixed part is not negative)
+        bound = MemoryEstimate(first[1], 0.0, first[0] / PROBE_BATCHES[0]).times(workers)
         if bound.state_mb + bound.step_mb(batch) <= HEADROOM * available / 2:
             continue  # fits by far: no need for the finer estimate
-        estimate = estimate_memory(stage, cfg, device)
+        estimate = estimate_memory(stage, cfg, device, first)
         check_memory({stage: estimate.times(workers) if estimate else None}, batch, device,
                      what=f"{stage}.batch_size", workers=cfg.scaling.num_workers)
 

@@ -31,6 +31,7 @@ import timm.models
 import torch.nn as nn
 
 from mimir.config import ConfigError, RunConfig
+from mimir.metrics import filesystem
 from mimir.evaluation import load_classifier as load_classifier_weights
 from mimir.models import create_encoder
 from mimir.runner import read_stage_record, stage_checkpoint, storage_root
@@ -40,7 +41,7 @@ STAGES = ("pretrain", "finetune")
 
 
 def _is_checkpoint(path: str) -> bool:
-    fs, inner = pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+    fs, inner = filesystem(path)
     return all(fs.get_file_info(f"{inner}/{name}").type == pafs.FileType.File for name in (STATE, WEIGHTS))
 
 

@@ -15,15 +15,20 @@ if TYPE_CHECKING:
     import torch
 
 
-def _proc_status_kb(field: str) -> int | None:
+def _kb_field(path: str, field: str) -> int | None:
+    """``Field:   123 kB`` from a /proc file such as /proc/self/status or /proc/meminfo."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
+        with open(path) as lines:
+            for line in lines:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _proc_status_kb(field: str) -> int | None:
+    return _kb_field("/proc/self/status", field)
 
 
 def _malloc_trim() -> None:
@@ -89,21 +94,10 @@ def available_mb(device: torch.device) -> float | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free / 2**20
     candidates = []
-    meminfo = _meminfo_kb("MemAvailable")
+    meminfo = _kb_field("/proc/meminfo", "MemAvailable")
     if meminfo is not None:
         candidates.append(meminfo / 1024)
     limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
     if limit is not None and used is not None:
         candidates.append((limit - used) / 2**20)
     return min(candidates) if candidates else None
-
-
-def _meminfo_kb(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None

@@ -49,8 +49,9 @@ def tensorboard_tag(key: str) -> str | None:
     return f"train/{key}"
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and inner path of a local path (made absolute) or a URI."""
+    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).expanduser().resolve()))
 
 
 def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -71,7 +72,7 @@ def csv_text(records: list[dict[str, Any]]) -> str:
 
 def read_history(folder: str) -> list[dict[str, Any]]:
     """A stage's per-epoch metrics, oldest first; empty before its first epoch."""
-    fs, path = _fs(folder)
+    fs, path = filesystem(folder)
     path = f"{path}/{HISTORY}"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return []
@@ -88,7 +89,7 @@ class _Events:
         # wait for that queue, so a copy to a URI could miss the epoch just logged
         from tensorboardX.event_file_writer import EventsWriter
 
-        self.fs, self.path = _fs(folder)
+        self.fs, self.path = filesystem(folder)
         self.remote = "://" in folder
         self.fs.create_dir(self.path, recursive=True)
         for info in self.fs.get_file_info(pafs.FileSelector(self.path)):
@@ -178,7 +179,7 @@ class MetricsLog:
     later ones."""
 
     def __init__(self, folder: str, start_epoch: int, tracker: Tracker | None = None):
-        self.fs, self.path = _fs(folder)
+        self.fs, self.path = filesystem(folder)
         self.records = [r for r in read_history(folder) if r["epoch"] < start_epoch] if start_epoch else []
         self.sinks: list[_Events | Tracker] = [_Events(folder), *([tracker] if tracker else [])]
         for record in self.records:
@@ -202,7 +203,7 @@ class MetricsLog:
 def write_evaluation(folder: str, results: dict[str, Any], step: int, tracker: Tracker | None = None) -> None:
     """The test accuracies of an evaluation: ``metrics.csv`` (attack, accuracy %, seconds) and the
     tags ``evaluate/<attack>`` at ``step`` (the fine-tuning epochs) in TensorBoard and ``tracker``."""
-    fs, path = _fs(folder)
+    fs, path = filesystem(folder)
     rows = [{"attack": attack, "accuracy": accuracy, "seconds": results["attack_seconds"].get(attack),
              "num_images": results["num_images"]} for attack, accuracy in results["accuracy"].items()]
     _write(fs, f"{path}/{TABLE}", csv_text(rows).encode())

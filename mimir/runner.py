@@ -35,7 +35,7 @@ from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, 
                                  validation_dataset)
 from mimir.evaluation import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
-from mimir.metrics import Tracker, check_trackers, write_evaluation
+from mimir.metrics import Tracker, check_trackers, filesystem, write_evaluation
 from mimir.data.format import load_manifest
 
 STAGE_RECORD = "mimir_stage.json"
@@ -101,16 +101,12 @@ def storage_root(cfg: RunConfig) -> str:
     return root if "://" in root else str(Path(root).expanduser().resolve())
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
-
-
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
 def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
-    fs, path = _fs(_join(storage, name, STAGE_RECORD))
+    fs, path = filesystem(_join(storage, name, STAGE_RECORD))
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
@@ -118,13 +114,13 @@ def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
 
 
 def _write_stage_record(storage: str, name: str, record: dict[str, Any]) -> None:
-    fs, path = _fs(_join(storage, name, STAGE_RECORD))
+    fs, path = filesystem(_join(storage, name, STAGE_RECORD))
     with fs.open_output_stream(path) as stream:
         stream.write(json.dumps(record, indent=2).encode())
 
 
 def _run_exists(storage: str, name: str) -> bool:
-    fs, path = _fs(_join(storage, name))
+    fs, path = filesystem(_join(storage, name))
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
@@ -136,7 +132,7 @@ def stage_checkpoint(storage: str, record: dict[str, Any], which: str = "last") 
 
 def _latest_checkpoint_state(storage: str, name: str) -> dict[str, Any] | None:
     """``state.json`` of an unfinished run's newest checkpoint (Ray names them by time), if any."""
-    fs, path = _fs(_join(storage, name))
+    fs, path = filesystem(_join(storage, name))
     entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     checkpoints = sorted(e.path for e in entries
                          if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
@@ -181,7 +177,7 @@ def check_stage(stage: str, cfg: RunConfig, storage: str, name: str, resume: boo
 
 def remove_stage(storage: str, name: str) -> None:
     """Delete a stage's run folder (``--overwrite``)."""
-    fs, path = _fs(_join(storage, name))
+    fs, path = filesystem(_join(storage, name))
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
@@ -327,14 +323,15 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
     memory = PrivateMemoryPeak()
     with checkpoint.as_directory() as directory:
         model = load_classifier(directory, cfg, device)
-    ds = eval_dataset(resolve_dataset(cfg.data), cfg.data, cfg.evaluate.num_images)
+    dataset_dir = resolve_dataset(cfg.data)
+    ds = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in ds.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
             yield batch["image"].float().div_(255), batch["label"]
             memory.sample()  # after the batch's attacks ran
 
-    test_rows = load_manifest(resolve_dataset(cfg.data))["splits"]["test"]["num_rows"]
+    test_rows = load_manifest(dataset_dir)["splits"]["test"]["num_rows"]
     total = min(test_rows, cfg.evaluate.num_images or test_rows)
     progress = Progress("[evaluate]", total, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
     result = evaluate_batches(model, batches(), cfg, progress)
@@ -564,13 +561,15 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
         resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated}))
     check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
                  finetuned_given=finetuned is not None)
-    check_run_memory(cfg, stages)  # an OOM kill an hour in is worse than a message now
+    storage = storage_root(cfg)
+    training = [s for s in ("pretrain", "finetune") if s in stages and not check_stage(s, cfg, storage, s, resume)]
+    check_run_memory(cfg, training)  # an OOM kill an hour in is worse than a message now
     init_ray()
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     try:
-        results = run_stages(cfg, stages, storage=storage_root(cfg), resume=resume, pretrained=pretrained,
+        results = run_stages(cfg, stages, storage=storage, resume=resume, pretrained=pretrained,
                              finetuned=finetuned)
     except NonFiniteRun as err:
         record_failure(out, cfg, err)

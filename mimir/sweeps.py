@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mimir.config import ConfigError, EvalAttack, Strict, build_config, flatten, format_errors, load_yaml, nest
-from mimir.metrics import check_trackers
+from mimir.metrics import check_trackers, filesystem
 
 TRIALS = "trials"
 RECORD = "record_json"  # a trial's final Tune report carries its results record
@@ -451,21 +451,15 @@ def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result:
                                                    "reason": f"{name.rsplit('.', 1)[-1]}: {message}"})
 
 
-def _fs(path: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
-
-
 def _exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def _read(path: str) -> str:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
         return stream.read().decode()
 

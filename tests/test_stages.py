@@ -174,3 +174,16 @@ def test_one_trial_at_a_time_fills_a_cached_pretraining(ray_local, tmp_path):
     for thread in threads:
         thread.join(timeout=60)
     assert seen == [1, 1, 1]
+
+
+def test_only_stages_that_will_train_are_checked_for_memory(finished, monkeypatch):
+    """The memory pre-check probes the stages a run trains, not the finished ones it reuses."""
+    out, cfg = finished
+    checked = []
+    monkeypatch.setattr(runner, "check_run_memory", lambda cfg, stages: checked.append(list(stages)))
+    monkeypatch.setattr(runner, "init_ray", lambda: None)
+    monkeypatch.setattr(runner, "run_stages", lambda *a, **k: {"seconds": {}})
+    runner.run_pipeline(cfg)
+    runner.run_pipeline(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"blr": 1e-3})}),
+                        overwrite=True)
+    assert checked == [[], ["finetune"]]
