@@ -70,10 +70,22 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``mimir sweep`` (and ``mimir reproduce`` on each spec): the plan with --plan, else the sweep."""
+    if args.plan:
+        from mimir.plan import format_plan, infeasible_message, plan_sweep
+
+        plan = plan_sweep(args.spec, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
+                          cluster=args.cluster)
+        print(format_plan(plan))
+        if plan.infeasible:
+            print(f"mimir: error: {infeasible_message(plan)}", file=sys.stderr)
+            return 2
+        return 0
     from mimir import api
 
-    result = api.sweep(args.spec, *args.overrides, out=args.out, storage=args.storage, resume=args.resume)
+    result = api.sweep(args.spec, *args.overrides, out=args.out, storage=args.storage, resume=args.resume,
+                       tiny=args.tiny)
     print(result["table"])
     print(f"experiment: {result['experiment']}")
     return 0
@@ -83,7 +95,7 @@ def _table(args: argparse.Namespace) -> int:
     from mimir.report import write_reports
     from mimir.sweeps import experiment_dir, load_spec
 
-    spec, _ = load_spec(args.spec)
+    spec, _ = load_spec(args.spec, tiny=args.tiny)
     experiment = experiment_dir(spec, args.out)
     if not experiment.is_dir():
         raise FileNotFoundError(f"no sweep results in {experiment}; run `mimir sweep {args.spec}` first")
@@ -163,6 +175,24 @@ def _add_mi_scale_parser(sub: Any) -> None:
     p.set_defaults(handler="mimir.mi_scale:main")
 
 
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """What ``mimir sweep`` and ``mimir reproduce`` both take."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides for every trial")
+    p.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite in the experiment folder)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--tiny", action="store_true",
+                   help="the spec's tiny variant: the same rows on the digits, small model, one epoch per stage")
+    p.add_argument("--plan", action="store_true",
+                   help="run nothing: print the trials, the pre-trainings they share, their resources against "
+                        "the cluster, and the estimated GPU-hours and wall time")
+    p.add_argument("--cluster", metavar="FILE", help="with --plan: a Ray cluster launcher YAML or KubeRay "
+                   "RayCluster / RayJob to check the resources against (default: the cluster RAY_ADDRESS names)")
+    p.add_argument("--costs", metavar="BENCH_JSON", help="with --plan: per-epoch costs from a `mimir bench --out` "
+                   "report of your hardware (default: the paper's Table 10, 4 × RTX A6000)")
+    p.set_defaults(handler=run_sweep_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimir", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,15 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="Ray Tune + Optuna sweep from a tune/*.yaml spec, then its table",
                            parents=[verbosity])
     sweep.add_argument("spec", help="sweep spec YAML (tune/...)")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides for every trial")
-    sweep.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
-    sweep.add_argument("--storage", help="Optuna storage URL (default sqlite in the experiment folder)")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    sweep.set_defaults(handler=_sweep)
+    _add_sweep_options(sweep)
     table = sub.add_parser("table", help="the paper-shaped table of a (partly) finished sweep")
     table.add_argument("spec", help="sweep spec YAML (tune/...)")
     table.add_argument("--out", help="experiment folder (default results/sweeps/<spec name>)")
+    table.add_argument("--tiny", action="store_true", help="the table of the spec's tiny variant")
     table.set_defaults(handler=_table)
+    reproduce = sub.add_parser("reproduce", help="a table or figure of the paper: mimir sweep on its spec",
+                               parents=[verbosity], description=_module_doc("mimir.reproduce"),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce.add_argument("name", nargs="?", help="table2, table3, ..., figure4 (see --list)")
+    reproduce.add_argument("--list", action="store_true",
+                           help="every table and figure with its spec and planned cost on the paper's hardware")
+    _add_sweep_options(reproduce)
+    reproduce.set_defaults(handler="mimir.reproduce:main")
 
     config = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command",
                                                                                        required=True)

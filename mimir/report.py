@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mimir.sweeps import FAILED, TRIALS, SweepSpec
+from mimir.sweeps import FAILED, LABEL_SEPARATOR, ROW, TRIALS, SweepSpec
 
 TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AA",
           "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}
@@ -56,26 +56,70 @@ def _matches(config: dict[str, Any], values: dict[str, Any]) -> bool:
     return all(_same(config_value(config, k), v) for k, v in values.items())
 
 
+def _find(records: list[dict[str, Any]], identity: dict[str, Any], values: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a table cell's trial: by the row and group it names, or (records written before
+    trials named them) by its config."""
+    for record in records:
+        if "row" in record:
+            if record["row"] == identity.get("row") and record.get("group") == identity.get("group"):
+                return record
+        elif identity.get("group") is None and _matches(record["config"], values):
+            return record
+    return None
+
+
+def table_columns(spec: SweepSpec) -> list[tuple[str, str]]:
+    """(key, title) of each metric column: the spec's columns, per column group when it has groups."""
+    if not spec.groups:
+        return [(c, TITLES.get(c, c)) for c in spec.columns]
+    return [(f"{g.label}/{c}", f"{g.label} {TITLES.get(c, c)}") for g in spec.groups for c in spec.columns]
+
+
 def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
                failures: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """One entry per table row: label, our values, the paper's values (empty where missing), whether
-    it was retried at lr / 10, and why it failed (None unless it did)."""
+    it was retried at lr / 10, why it failed (None unless it did), and the paper it is quoted from
+    (None for a row that runs). With column groups, values are keyed ``<group>/<metric>``."""
     if spec.sampler == "tpe":
         ranked = sorted(trials, key=lambda t: t["accuracy"][spec.objective.metric],
                         reverse=spec.objective.mode == "max")
         keys = list(spec.space)
-        return ([{"label": _label(t["config"], keys), **_ours(t), "paper": {}, "failed": None} for t in ranked]
-                + [{"label": _label(f["config"], keys), **_ours(None), "paper": {}, "failed": f["reason"]}
-                   for f in failures])
-    rows = [(r.label, r.set, r.paper) for r in spec.rows]
-    rows += [(", ".join(f"{k}={v}" for k, v in point.items()), point, {})
-             for point in spec.grid_points()[len(spec.rows):]]
+        return ([{"label": _label(t["config"], keys), **_ours(t), "paper": {}, "failed": None, "quoted": None,
+                  "trials": 1, "done": 1} for t in ranked]
+                + [{"label": _label(f["config"], keys), **_ours(None), "paper": {}, "failed": f["reason"],
+                    "quoted": None, "trials": 1, "done": 0} for f in failures])
     out = []
-    for label, values, paper in rows:
-        match = next((t for t in trials if _matches(t["config"], values)), None)
-        failure = None if match else next((f for f in failures if _matches(f["config"], values)), None)
-        out.append({"label": label, **_ours(match), "paper": paper, "set": values,
-                    "failed": failure["reason"] if failure else None})
+    for row in spec.rows:
+        entry = {"label": row.label, **_ours(None), "paper": {}, "set": dict(row.set), "failed": None,
+                 "quoted": row.quoted, "trials": 0, "done": 0}
+        for group in spec.groups or [None]:
+            prefix = "" if group is None else f"{group.label}/"
+            paper = row.paper if group is None else row.paper.get(group.label, {})
+            entry["paper"].update({prefix + m: v for m, v in paper.items()})
+            if row.quoted is not None:
+                continue
+            identity = {"row": row.label, "group": None if group is None else group.label}
+            values = {**(group.set if group else {}), **row.set}
+            match = _find(trials, identity, values)
+            failure = None if match else _find(list(failures), identity, values)
+            ours = _ours(match)
+            for field in ("ours", "std"):
+                entry[field].update({prefix + m: v for m, v in ours[field].items()})
+            entry["n"] = max(entry["n"], ours["n"])
+            entry["retried"] = entry["retried"] or ours["retried"]
+            entry["trials"] += 1
+            entry["done"] += match is not None
+            if failure and entry["failed"] is None:
+                entry["failed"] = failure["reason"] if group is None else f"{group.label}: {failure['reason']}"
+        out.append(entry)
+    for point in spec.grid_points():
+        if ROW in point:
+            continue
+        match = next((t for t in trials if _matches(t["config"], point)), None)
+        failure = None if match else next((f for f in failures if _matches(f["config"], point)), None)
+        out.append({"label": ", ".join(f"{k}={v}" for k, v in point.items()), **_ours(match), "paper": {},
+                    "set": point, "failed": failure["reason"] if failure else None, "quoted": None, "trials": 1,
+                    "done": int(match is not None)})
     return out
 
 
@@ -84,63 +128,80 @@ def _ours(trial: dict[str, Any] | None) -> dict[str, Any]:
     deviations and seed count, and whether a run was retried at lr / 10."""
     if trial is None:
         return {"ours": {}, "std": {}, "n": 0, "retried": False}
-    return {"ours": trial["accuracy"], "std": trial.get("accuracy_std", {}), "n": trial.get("num_seeds", 1),
-            "retried": bool(trial.get("retried"))}
+    return {"ours": dict(trial["accuracy"]), "std": dict(trial.get("accuracy_std", {})),
+            "n": trial.get("num_seeds", 1), "retried": bool(trial.get("retried"))}
 
 
 def _fmt(value: float | None) -> str:
     return MISSING if value is None else f"{value:.2f}"
 
 
-def _cells(row: dict[str, Any], columns: list[str], seeds: int, split_std: bool = False) -> list[str]:
+def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, split_std: bool = False) -> list[str]:
     """Per column: ours (mean ± std over seeds; std in a cell of its own for CSV), the paper's
-    value and the difference of the mean; then the seed count when the spec runs several."""
+    value and the difference of the mean; then the seed count when the spec runs several. A row
+    quoted from another paper has no ours and no difference."""
     cells = []
-    for c in columns:
+    for c, _ in columns:
         ours, paper, std = row["ours"].get(c), row["paper"].get(c), row["std"].get(c)
         diff = f"{ours - paper:+.2f}" if ours is not None and paper is not None else MISSING
         shown = FAILED_CELL if row["failed"] else _fmt(ours)
+        if row["quoted"]:
+            shown = diff = ""
         if seeds > 1 and split_std:
-            cells += [shown, _fmt(std)]
+            cells += [shown, "" if row["quoted"] else _fmt(std)]
         else:
             cells.append(f"{shown} ± {std:.2f}" if seeds > 1 and ours is not None and std is not None else shown)
         cells += [_fmt(paper), diff]
-    return cells + ([str(row["n"])] if seeds > 1 else [])
+    return cells + ([str(row["n"]) if not row["quoted"] else ""] if seeds > 1 else [])
 
 
-def _header(columns: list[str], seeds: int, split_std: bool = False) -> list[str]:
+def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False) -> list[str]:
     header = []
-    for c in columns:
-        title = TITLES.get(c, c)
+    for _, title in columns:
         header += [f"{title} ours", f"{title} std"] if seeds > 1 and split_std else [f"{title} ours"]
         header += [f"{title} paper", "Δ"]
     return header + (["seeds"] if seeds > 1 else [])
 
 
+def _label_cells(spec: SweepSpec, row: dict[str, Any]) -> list[str]:
+    """The row's label, split into the spec's label columns, marked when retried at lr / 10."""
+    parts = row["label"].split(LABEL_SEPARATOR) if spec.label_columns else [row["label"]]
+    if row["retried"]:
+        parts[-1] += " (lr / 10 after NaN)"
+    return parts
+
+
 def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    header = ["Row", *_header(spec.columns, spec.seeds)]
+    columns = table_columns(spec)
+    header = [*(spec.label_columns or ["Row"]), *_header(columns, spec.seeds)]
     lines = [f"**{spec.title or spec.name}**", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in rows:
-        label = row["label"] + (" (lr / 10 after NaN)" if row["retried"] else "")
-        lines.append("| " + " | ".join([label, *_cells(row, spec.columns, spec.seeds)]) + " |")
-    done = sum(1 for r in rows if r["ours"])
-    failed = [r for r in rows if r["failed"]]
-    summary = f"{done} of {len(rows)} rows finished" + (f", {len(failed)} failed" if failed else "")
+        lines.append("| " + " | ".join([*_label_cells(spec, row), *_cells(row, columns, spec.seeds)]) + " |")
+    runs = [r for r in rows if not r["quoted"]]
+    done, total = sum(r["done"] for r in runs), sum(r["trials"] for r in runs)
+    failed = [r for r in runs if r["failed"]]
+    what = "trials" if spec.groups else "rows"
+    summary = f"{done} of {total} {what} finished" + (f", {len(failed)} failed" if failed else "")
     spread = (f" ours = mean ± sample standard deviation over {spec.seeds} seeds, Δ = mean - paper."
               if spec.seeds > 1 else " Δ = ours - paper.")
     lines += ["", f"{summary}; accuracy in %;{spread}"]
+    quoted = list(dict.fromkeys(r["quoted"] for r in rows if r["quoted"]))
+    if quoted:
+        lines.append(f"Rows without ours are the paper's quotes of other work, not run here: {'; '.join(quoted)}.")
     lines += [f"- {r['label']} failed: {r['failed'].splitlines()[0]}" for r in failed]
     return "\n".join(lines)
 
 
 def latex_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    header = ["Row", *_header(spec.columns, spec.seeds)]
+    columns = table_columns(spec)
+    labels = spec.label_columns or ["Row"]
+    header = [*labels, *_header(columns, spec.seeds)]
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$")
-    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+    lines = [r"\begin{tabular}{" + "l" * len(labels) + "r" * (len(header) - len(labels)) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join([esc(r["label"]), *_cells(r, spec.columns, spec.seeds)]).replace(MISSING, "--")
-              .replace("±", r"$\pm$") + r" \\" for r in rows]
+    lines += [" & ".join([*(esc(c) for c in _label_cells(spec, r)), *_cells(r, columns, spec.seeds)])
+              .replace(MISSING, "--").replace("±", r"$\pm$") + r" \\" for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -177,9 +238,10 @@ def write_reports(spec: SweepSpec, experiment: Path) -> str:
     markdown = markdown_table(spec, rows)
     (experiment / "table.md").write_text(markdown + "\n")
     (experiment / "table.tex").write_text(latex_table(spec, rows) + "\n")
+    columns = table_columns(spec)
     with open(experiment / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", *_header(spec.columns, spec.seeds, split_std=True)])
-        writer.writerows([r["label"], *_cells(r, spec.columns, spec.seeds, split_std=True)] for r in rows)
+        writer.writerow([*(spec.label_columns or ["row"]), *_header(columns, spec.seeds, split_std=True)])
+        writer.writerows([*_label_cells(spec, r), *_cells(r, columns, spec.seeds, split_std=True)] for r in rows)
     plot(spec, rows, experiment / "figure.png")
     return markdown

@@ -22,6 +22,7 @@ trial between its last epoch and its evaluation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import statistics
@@ -31,7 +32,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from mimir.config import ConfigError, EvalAttack, Strict, build_config, flatten, format_errors, load_yaml, nest
+from mimir.config import (ConfigError, EvalAttack, Strict, build_config, deep_merge, flatten, format_errors, load_yaml,
+                          nest)
 from mimir.metrics import check_trackers, filesystem
 
 TRIALS = "trials"
@@ -40,10 +42,48 @@ PRETRAIN_CACHE = "pretrain_cache"
 FAILED = "failed.json"  # a trial folder's record of why it failed (runner.record_failure)
 
 
+ROW, GROUP = "__row__", "__group__"  # grid-point keys: the index of a trial's row and column group
+LABEL_SEPARATOR = " | "  # splits a row label into the spec's label_columns
+
+
+class Source(Strict):
+    """The trained model an evaluation-only row evaluates: a row (and column group) of another spec's
+    finished sweep, so that a table of attacks (Table 9) reuses the models of other tables."""
+    spec: str  # that spec, relative to this spec file
+    row: str  # its row label
+    group: str | None = None  # its column group (default: the evaluating trial's own group label)
+    # its experiment folder (default: the folder beside this sweep's named after that spec)
+    experiment: str | None = None
+    name: str | None = None  # that spec's name: filled in when this spec loads
+
+
 class Row(Strict):
     label: str
     set: dict[str, Any] = {}  # dotted config overrides that make this row's trial
-    paper: dict[str, float | None] = {}  # the paper's reported numbers, by metric
+    # the paper's reported numbers, by metric; in a spec with column groups, by group label, then metric
+    paper: dict[str, float | None | dict[str, float | None]] = {}
+    # a run config of the row's own (rows over datasets and architectures), relative to the spec file;
+    # replaced by its content when the spec loads, so that trials on any node of a cluster have it
+    base: str | dict[str, Any] | None = None
+    quoted: str | None = None  # the paper these numbers are quoted from: shown in the table, never run
+    evaluates: Source | None = None  # evaluation only: another spec's trained model, with this row's attacks
+
+    @model_validator(mode="after")
+    def _check(self) -> "Row":
+        if self.quoted is not None and (self.set or self.base is not None or self.evaluates is not None):
+            raise ValueError(f"row {self.label!r} is quoted from {self.quoted}: it runs nothing, so it takes no "
+                             "set, base or evaluates")
+        if self.evaluates is not None and self.base is not None:
+            raise ValueError(f"row {self.label!r} evaluates another spec's model, whose config is its base; "
+                             "give no base")
+        return self
+
+
+class Group(Strict):
+    """A column group of a table (Table 3's ε = 2/255 and ε = 4/255): every row runs once per group,
+    with the group's overrides, and the groups stand side by side in the table."""
+    label: str
+    set: dict[str, Any] = {}
 
 
 class Distribution(Strict):
@@ -100,32 +140,70 @@ class SweepSpec(Strict):
     plot: str | None = None  # a config key to plot the columns against (a paper figure)
     seed: int = 0  # Optuna's sampler
     seeds: int = Field(1, ge=1)  # runs per row / sampled point, with seeds seed, seed + 1, ...
+    groups: list[Group] = []  # column groups: each row runs once per group (Table 3's two ε)
+    label_columns: list[str] = []  # the table's label columns; each row label gives one part per column
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
         if not self.rows and not self.space:
             raise ValueError("the search space is empty: give `rows` or `space`")
+        if self.rows and not self.space and all(r.quoted for r in self.rows):
+            raise ValueError("every row is quoted from another paper: there is nothing to run")
         if self.sampler == "tpe":
-            if self.rows:
-                raise ValueError("rows are grid trials; use sampler: grid (or a space for tpe)")
+            if self.rows or self.groups:
+                raise ValueError("rows and groups are grid trials; use sampler: grid (or a space for tpe)")
             bad = [k for k, d in self.space.items() if d.grid is not None]
             if bad:
                 raise ValueError(f"grid values need sampler: grid ({bad})")
         elif any(d.grid is None for d in self.space.values()):
             raise ValueError("sampler grid takes only `grid:` entries in space")
+        for what, labels in (("row", [r.label for r in self.rows]), ("group", [g.label for g in self.groups])):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"{what} labels must differ (they name the trials): {repeated} repeated")
+        self._check_paper_numbers()
+        if self.label_columns:
+            bad = [r.label for r in self.rows if len(r.label.split(LABEL_SEPARATOR)) != len(self.label_columns)]
+            if bad:
+                raise ValueError(f"label_columns has {len(self.label_columns)} columns, so each row label needs "
+                                 f"{len(self.label_columns)} parts joined by {LABEL_SEPARATOR!r}: not {bad}")
+        if self.seeds > 1 and any(r.evaluates for r in self.rows):
+            raise ValueError("evaluation-only rows evaluate one trained model each: seeds must be 1")
         return self
 
+    def _check_paper_numbers(self) -> None:
+        """The paper's numbers are by metric, or with column groups by group label, then metric."""
+        groups = {g.label for g in self.groups}
+        for row in self.rows:
+            for key, value in row.paper.items():
+                if groups and (key not in groups or not isinstance(value, dict)):
+                    raise ValueError(f"row {row.label!r}: with column groups, paper: maps each group label "
+                                     f"({sorted(groups)}) to its numbers; got {key!r}")
+                if not groups and isinstance(value, dict):
+                    raise ValueError(f"row {row.label!r}: paper: {key!r} is a group of numbers, but the spec has "
+                                     "no groups")
+
     def grid_points(self) -> list[dict[str, Any]]:
-        """Trials of a grid sweep: the rows, then the cartesian product of the space."""
-        points = [dict(r.set) for r in self.rows]
+        """Trials of a grid sweep: every row that runs, once per column group (each point names its row
+        and group under ``ROW`` / ``GROUP``), then the cartesian product of the space."""
+        points = []
+        for index, row in enumerate(self.rows):
+            if row.quoted is not None:
+                continue
+            for group_index, group in enumerate(self.groups or [None]):
+                where = {ROW: index} if group is None else {ROW: index, GROUP: group_index, **group.set}
+                points.append({**where, **row.set})
         if self.space:
             keys = list(self.space)
             points += [dict(zip(keys, values)) for values in itertools.product(*(self.space[k].grid for k in keys))]
         return points
 
 
-def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
-    """The validated spec and its base run config (raw dict), with the spec's overrides applied."""
+def load_spec(path: str | Path, _loading: tuple[Path, ...] = (), *,
+              tiny: bool = False) -> tuple[SweepSpec, dict[str, Any]]:
+    """The validated spec and its base run config (raw dict), with the spec's overrides applied; rows
+    with a base of their own, or that evaluate another spec's model, carry that run config.
+    ``tiny``: the spec's tiny variant instead (``mimir.reproduce.tiny_variant``)."""
     raw = load_yaml(path)
     try:
         spec = SweepSpec.model_validate(raw)
@@ -133,12 +211,69 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
         raise ConfigError(format_errors(err, str(path))) from None
     base_path = (Path(path).parent / spec.base).resolve()
     base = load_yaml(base_path)
+    spec = _resolve_rows(spec, Path(path), _loading)
+    if tiny:
+        from mimir.reproduce import tiny_variant
+
+        spec = tiny_variant(spec, base)
     load_spec_check(base, spec)
     return spec, base
 
 
+def _resolve_rows(spec: SweepSpec, path: Path, loading: tuple[Path, ...]) -> SweepSpec:
+    """Rows' own base configs and the trained models of evaluation-only rows, read into the spec."""
+    rows = []
+    for row in spec.rows:
+        if isinstance(row.base, str):
+            row = row.model_copy(update={"base": load_yaml(path.parent / row.base)})
+        elif row.evaluates is not None:
+            row = _resolve_source(row, path, loading)
+        rows.append(row)
+    return spec.model_copy(update={"rows": rows})
+
+
+def _resolve_source(row: Row, path: Path, loading: tuple[Path, ...]) -> Row:
+    """An evaluation-only row's base: the run config its source row trained with (that spec's base or
+    the row's own, its overrides, its group's and its row's values)."""
+    where = f"{path}: row {row.label!r} evaluates {row.evaluates.spec}"
+    source_path = (path.parent / row.evaluates.spec).resolve()
+    if source_path in loading:
+        raise ConfigError(f"{where}, which evaluates it back (a cycle)")
+    source, source_base = load_spec(source_path, _loading=(*loading, source_path))
+    found = next((r for r in source.rows if r.label == row.evaluates.row), None)
+    if found is None or found.quoted is not None:
+        runs = [r.label for r in source.rows if r.quoted is None]
+        raise ConfigError(f"{where}: it has no row {row.evaluates.row!r} that runs; its rows: {runs}")
+    if found.evaluates is not None:
+        raise ConfigError(f"{where}: its row {found.label!r} trains nothing either; name the spec that trains it")
+    items = dict(source.overrides)
+    if row.evaluates.group is not None:
+        group = next((g for g in source.groups if g.label == row.evaluates.group), None)
+        if group is None:
+            raise ConfigError(f"{where}: it has no group {row.evaluates.group!r}; its groups: "
+                              f"{[g.label for g in source.groups]}")
+        items.update(group.set)
+    items.update(found.set)
+    trained = deep_merge(found.base if isinstance(found.base, dict) else source_base, nest(items))
+    return row.model_copy(update={"base": trained,
+                                  "evaluates": row.evaluates.model_copy(update={"name": source.name})})
+
+
+def trial_identity(spec: SweepSpec, point: dict[str, Any]) -> dict[str, str | None]:
+    """The row and column group a grid point runs (empty for a point of a space)."""
+    if ROW not in point:
+        return {}
+    group = spec.groups[point[GROUP]].label if GROUP in point else None
+    return {"row": spec.rows[point[ROW]].label, "group": group}
+
+
 def trial_config(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], output_dir: str | None = None):
-    """The RunConfig of one trial: base, spec overrides, resources, then the trial's own values."""
+    """The RunConfig of one trial: base (the spec's, or its row's own), spec overrides, resources,
+    then the trial's own values."""
+    row = spec.rows[point[ROW]] if ROW in point else None
+    if row is not None and isinstance(row.base, dict):
+        base = row.base
+    point = {k: v for k, v in point.items() if k not in (ROW, GROUP)}
     items = {**spec.overrides, **point}
     items.update({f"scaling.{k}": v for k, v in spec.resources.model_dump().items() if k != "gpus_per_worker"})
     if spec.resources.gpus_per_worker > 0:
@@ -188,16 +323,67 @@ class TrialFailed(RuntimeError):
     """A trial that failed after its retry."""
 
 
-def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = ()) -> dict[str, Any]:
-    """One trial: the pipeline of ``mimir run`` with the sweep's pre-training cache. Its training
-    runs live at the trial folder's place under the sweep's storage (``sweep_storage``)."""
+def run_trial(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[Any] = (),
+              finetuned: str | None = None) -> dict[str, Any]:
+    """One trial: the pipeline of ``mimir run`` with the sweep's pre-training cache, or, given the
+    ``finetuned`` checkpoint of another sweep's trial (an evaluation-only row), its evaluation alone.
+    Its runs live at the trial folder's place under the sweep's storage (``sweep_storage``)."""
+    import ray.train
+
     from mimir import runner
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     root = cfg.scaling.storage_path or str(experiment)
     storage = "/".join([root.rstrip("/"), *trial_dir.relative_to(experiment).parts])
+    if finetuned is not None:
+        results = runner.run_stages(cfg, ("evaluate",), storage=storage, finetuned=ray.train.Checkpoint(finetuned))
+        return {**results, "evaluated_checkpoint": finetuned}
     return runner.run_stages(cfg, storage=storage, resume=True, pretrain_cache=f"{root.rstrip('/')}/{PRETRAIN_CACHE}",
                              callbacks=callbacks)
+
+
+class SourceUnavailable(RuntimeError):
+    """An evaluation-only row whose model is not there, or trained with another config."""
+
+
+def source_key(point: dict[str, Any]) -> str:
+    return f"{point[ROW]}/{point.get(GROUP, '')}"
+
+
+def find_sources(base: dict[str, Any], spec: SweepSpec, experiment: Path) -> dict[str, dict[str, Any] | str]:
+    """For each evaluation-only trial (by ``source_key``), the finished trial of another sweep whose
+    model it evaluates, or why there is none. Read by the driver, which holds every sweep's records,
+    and checked to have trained with the config the row asks for (a row may change only how it is
+    evaluated)."""
+    from mimir.config import RunConfig, config_changes
+
+    found: dict[str, dict[str, Any] | str] = {}
+    for point in spec.grid_points():
+        row = spec.rows[point[ROW]] if ROW in point else None
+        if row is None or row.evaluates is None:
+            continue
+        source = row.evaluates
+        group = source.group or trial_identity(spec, point)["group"]
+        folder = Path(source.experiment).expanduser().resolve() if source.experiment else experiment.parent / source.name
+        which = f"{source.name} row {source.row!r}" + (f" (group {group!r})" if group else "")
+        records = [(p, json.loads(p.read_text())) for p in sorted((folder / TRIALS).glob("*/results.json"))]
+        match = next(((p, r) for p, r in records if r.get("row") == source.row and r.get("group") == group), None)
+        if match is None:
+            found[source_key(point)] = (f"row {row.label!r} evaluates the model of {which}, but {folder} holds no "
+                                        f"finished trial of it: run `mimir sweep {source.spec}` first (or set "
+                                        "evaluates.experiment to the folder that has it)")
+            continue
+        path, record = match
+        trained = RunConfig.model_validate(record["config"]).stage_config("finetune")
+        asked = trial_config(base, spec, point).stage_config("finetune")
+        if "evaluated_checkpoint" not in record:
+            found[source_key(point)] = f"{path} names no fine-tuned checkpoint (evaluated_checkpoint)"
+        elif trained != asked:
+            found[source_key(point)] = (f"row {row.label!r} would evaluate {path.parent} ({which}), which trained "
+                                        f"with another config: {'; '.join(config_changes(trained, asked))}")
+        else:
+            found[source_key(point)] = record
+    return found
 
 
 def sweep_storage(base: dict[str, Any], spec: SweepSpec, experiment: Path) -> str:
@@ -312,25 +498,37 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
 
 
 def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
-               storage: str, run: TrialRunner = run_trial) -> None:
+               storage: str, sources: dict[str, dict[str, Any] | str], run: TrialRunner = run_trial) -> None:
     """The Tune trial: build the trial's config, run it with each seed (once more at lr / 10 on NaN),
-    report the final values. A failure is written to the trial's folder and raised, so Tune records
-    the trial as errored."""
+    or, for an evaluation-only row, evaluate its source's model; report the final values. The record
+    names the trial's row and group. A failure is written to the trial's folder and raised, so Tune
+    records the trial as errored."""
     from ray import tune
 
-    from mimir.runner import quiet_ray_data, record_failure
+    from mimir.runner import quiet_ray_data, record_failure, write_json_atomically
 
     quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
     point = _decode_point(params)
+    identity = trial_identity(spec, point)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"storage_path": storage})})
     try:
-        results = run_point(cfg, spec, Path(experiment), trial_dir, run=run)
+        source = sources.get(source_key(point)) if identity else None
+        if isinstance(source, str):
+            raise SourceUnavailable(source)
+        if source is not None:
+            run = functools.partial(run, finetuned=source["evaluated_checkpoint"])
+        results = {**run_point(cfg, spec, Path(experiment), trial_dir, run=run), **identity}
     except Exception as err:
         record_failure(trial_dir, cfg, err)
+        if identity:
+            failure = json.loads((trial_dir / FAILED).read_text())
+            write_json_atomically(trial_dir / FAILED, {**failure, **identity})
         raise
+    if identity:
+        write_json_atomically(trial_dir / "results.json", results)
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
@@ -358,8 +556,10 @@ def experiment_dir(spec: SweepSpec, out: str | None) -> Path:
 
 
 def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None,
-              storage_url: str | None = None, resume: bool = False, run: TrialRunner = run_trial) -> Path:
+              storage_url: str | None = None, resume: bool = False, tiny: bool = False,
+              run: TrialRunner = run_trial) -> Path:
     """Run (or continue) the sweep; returns the experiment folder. Failed trials do not stop it.
+    ``tiny``: the spec's tiny variant (``mimir.reproduce.tiny_variant``: the same rows on the digits).
 
     ``run`` is the trial hook: what one trial does with its config (default: the real pipeline).
     Tests replace it to exercise Tune, Optuna, failures and resume without training."""
@@ -376,7 +576,7 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
             """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
     from mimir.runner import init_ray, pretrain_leases, release_pretrain_leases
 
-    spec, base = load_spec(spec_path)
+    spec, base = load_spec(spec_path, tiny=tiny)
     if overrides:
         spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
         load_spec_check(base, spec)
@@ -390,7 +590,7 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     leases = pretrain_leases(f"{storage}/{PRETRAIN_CACHE}")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment),
-                             storage=storage, run=run),
+                             storage=storage, sources=find_sources(base, spec, experiment), run=run),
         # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
         {"cpu": 0, "memory": 256 * 1024**2})
     tune_dir = f"{storage}/tune"
@@ -444,11 +644,13 @@ def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result:
         write_json_atomically(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
     elif result.error is not None:
         params = result.config or json.loads(_read(f"{result.path}/params.json"))  # restored: only on storage
-        cfg = trial_config(base, spec, _decode_point(params), output_dir=str(trial_dir))
+        point = _decode_point(params)
+        cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
         # the traceback's last line, "package.module.Error: message", as the trial itself words it
         name, _, message = str(result.error).strip().splitlines()[-1].partition(": ")
         write_json_atomically(trial_dir / FAILED, {"config": cfg.model_dump(mode="json"),
-                                                   "reason": f"{name.rsplit('.', 1)[-1]}: {message}"})
+                                                   "reason": f"{name.rsplit('.', 1)[-1]}: {message}",
+                                                   **trial_identity(spec, point)})
 
 
 def _exists(path: str) -> bool:

@@ -18,9 +18,9 @@ def _report_epochs(callbacks, epochs):
             callback.after_report(None, [{"epoch": epoch, "val_pgd": 30.0, "val_natural": 60.0}], None)
 
 
-def fake_trial(cfg, experiment, trial_dir, callbacks=()):
+def fake_trial(cfg, experiment, trial_dir, callbacks=(), finetuned=None):
     """Fail like the real pipeline on a missing dataset or a diverging lr; otherwise an accuracy
-    that is a fixed function of the config."""
+    that is a fixed function of the config. ``finetuned``: an evaluation-only trial of that model."""
     if cfg.data.dataset == "no-such-dataset":
         raise DatasetError("dataset 'no-such-dataset' not found")
     if cfg.finetune.blr > 1e5:
@@ -33,4 +33,5 @@ def fake_trial(cfg, experiment, trial_dir, callbacks=()):
         # controller's shutdown); Tune's session must take that report before the trial's final one
         time.sleep(REPORT_DRAIN_SECONDS)
     return {"config": cfg.model_dump(mode="json"), "accuracy": {m: score for m in cfg.evaluate.attacks},
-            "num_images": 32, "seconds": {"finetune": SECONDS_PER_TRIAL}}
+            "num_images": 32, "seconds": {"finetune": SECONDS_PER_TRIAL},
+            "evaluated_checkpoint": finetuned or str(trial_dir / "finetune" / "checkpoint_best")}
