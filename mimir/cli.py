@@ -175,6 +175,38 @@ def _add_mi_scale_parser(sub: Any) -> None:
     p.set_defaults(handler="mimir.mi_scale:main")
 
 
+SURFACE_INPUTS = ("natural", "adversarial")  # surface.InputKind
+
+
+def _surface_inputs(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in SURFACE_INPUTS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(SURFACE_INPUTS)}, got {text!r}")
+    return kinds
+
+
+def _add_surface_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
+    # the defaults are surface.SurfaceSettings' (Li et al.'s grid, the paper's PGD-10)
+    p = sub.add_parser("surface", help="loss surface around a fine-tuned model (Eq. 23, Figure 5) as CSV and PNG",
+                       parents=[verbosity], description=_module_doc("mimir.surface"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder (output_dir of mimir run) or fine-tuning checkpoint folder")
+    p.add_argument("--out", help="folder to write (default RUN/surface)")
+    p.add_argument("--steps", type=_at_least(2), default=51, help="grid points per axis (default 51)")
+    p.add_argument("--span", type=float, default=1.0, help="alpha and beta run over [-span, span] (default 1)")
+    p.add_argument("--images", type=_positive, default=1000, help="the first N test images (default 1000)")
+    p.add_argument("--inputs", type=_surface_inputs, default=list(SURFACE_INPUTS),
+                   help="natural, adversarial or both, comma-separated (default both)")
+    p.add_argument("--attack-steps", type=_positive, default=10,
+                   help="PGD steps of the adversarial loss, at the run's evaluate.eps and step_size (default 10)")
+    p.add_argument("--seed", type=int, default=123, help="fixes the two directions and the attack starts (default 123)")
+    p.add_argument("--checkpoint", choices=("best", "last"),
+                   help="which fine-tuning checkpoint (default: the one evaluation used)")
+    p.add_argument("--workers", type=_positive, help="chunk tasks at once (default: what the Ray cluster fits)")
+    p.set_defaults(handler="mimir.surface:main")
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     """What ``mimir sweep`` and ``mimir reproduce`` both take."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides for every trial")
@@ -262,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(handler="mimir.plot:main")
 
     add_submit_parser(sub)
+    _add_surface_parser(sub, verbosity)
     _add_bench_parser(sub, verbosity)
     _add_mi_scale_parser(sub)
 

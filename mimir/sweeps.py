@@ -35,6 +35,7 @@ from pydantic import Field, ValidationError, model_validator
 from mimir.config import (ConfigError, EvalAttack, Strict, build_config, deep_merge, flatten, format_errors, load_yaml,
                           nest)
 from mimir.metrics import check_trackers, filesystem
+from mimir.surface import SurfaceSettings, sweep_figure, trial_surface
 
 TRIALS = "trials"
 RECORD = "record_json"  # a trial's final Tune report carries its results record
@@ -142,6 +143,7 @@ class SweepSpec(Strict):
     seeds: int = Field(1, ge=1)  # runs per row / sampled point, with seeds seed, seed + 1, ...
     groups: list[Group] = []  # column groups: each row runs once per group (Table 3's two ε)
     label_columns: list[str] = []  # the table's label columns; each row label gives one part per column
+    surface: SurfaceSettings | None = None  # also each trial's loss surface, and surface.png (Figure 5)
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
@@ -521,6 +523,9 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
         if source is not None:
             run = functools.partial(run, finetuned=source["evaluated_checkpoint"])
         results = {**run_point(cfg, spec, Path(experiment), trial_dir, run=run), **identity}
+        if spec.surface is not None and "surface" not in results:
+            results["surface"] = trial_surface(results, spec.surface)
+            write_json_atomically(trial_dir / "results.json", results)
     except Exception as err:
         record_failure(trial_dir, cfg, err)
         if identity:
@@ -627,6 +632,8 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
         if result.error:
             print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
                   flush=True)
+    if spec.surface is not None:
+        sweep_figure(spec, experiment)
     return experiment
 
 

@@ -17,7 +17,8 @@ HEAVY = ("torch", "ray", "timm", "numpy", "pyarrow", "pydantic")
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["sweep"], ["bench"], ["mi-scale"], ["submit"], ["config", "show"],
-                                     ["data", "prepare"], ["table"], ["export"], ["plot"]])
+                                     ["data", "prepare"], ["table"], ["export"], ["plot"],
+                                     ["surface"]])
 def test_help_imports_nothing_heavy(command):
     code = ("import sys\nfrom mimir.cli import main\n"
             f"try:\n    main({[*command, '--help']!r})\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
