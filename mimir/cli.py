@@ -163,6 +163,16 @@ def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
                    help="also measure Ray Train + Ray Data overhead on a small digits pre-training")
     p.add_argument("--ray-epochs", type=_at_least(2), default=3, help="epochs of the --ray pre-training (>= 2)")
     p.add_argument("--ray-batch", type=_positive, default=128, help="batch size of the --ray pre-training")
+    p.add_argument("--data", action="store_true",
+                   help="instead of steps: images/s of the ImageNet training transform through Ray Data per CPU "
+                        "against a bare PIL + torchvision loop, and the CPUs per GPU that keep a GPU fed")
+    p.add_argument("--data-images", type=_positive, default=1024, help="synthetic JPEGs for --data (default 1024)")
+    p.add_argument("--data-epochs", type=_positive, default=3, help="timed epochs per side for --data (default 3)")
+    p.add_argument("--data-cpus", type=_positive, help="CPUs of the local Ray for --data (default: all)")
+    p.add_argument("--data-dir", help="a prepared JPEG dataset to time with --data instead of synthetic images")
+    p.add_argument("--compile", action="store_true",
+                   help="time each method eager against torch.compile'd (scaling.compile), alternating, after "
+                        "checking their losses agree (default methods: mae, mimir)")
     p.set_defaults(handler="mimir.bench:main")
 
 
@@ -187,20 +197,20 @@ def _surface_inputs(text: str) -> list[str]:
 
 
 def _add_surface_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
-    # the defaults are surface.SurfaceSettings' (Li et al.'s grid, the paper's PGD-10)
+    # an option left out takes surface.SurfaceSettings' default, which its help names (test_surface)
     p = sub.add_parser("surface", help="loss surface around a fine-tuned model (Eq. 23, Figure 5) as CSV and PNG",
                        parents=[verbosity], description=_module_doc("mimir.surface"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (output_dir of mimir run) or fine-tuning checkpoint folder")
     p.add_argument("--out", help="folder to write (default RUN/surface)")
-    p.add_argument("--steps", type=_at_least(2), default=51, help="grid points per axis (default 51)")
-    p.add_argument("--span", type=float, default=1.0, help="alpha and beta run over [-span, span] (default 1)")
-    p.add_argument("--images", type=_positive, default=1000, help="the first N test images (default 1000)")
-    p.add_argument("--inputs", type=_surface_inputs, default=list(SURFACE_INPUTS),
+    p.add_argument("--steps", type=_at_least(2), help="grid points per axis (default 51)")
+    p.add_argument("--span", type=float, help="alpha and beta run over [-span, span] (default 1)")
+    p.add_argument("--images", type=_positive, help="the first N test images (default 1000)")
+    p.add_argument("--inputs", type=_surface_inputs,
                    help="natural, adversarial or both, comma-separated (default both)")
-    p.add_argument("--attack-steps", type=_positive, default=10,
+    p.add_argument("--attack-steps", type=_positive,
                    help="PGD steps of the adversarial loss, at the run's evaluate.eps and step_size (default 10)")
-    p.add_argument("--seed", type=int, default=123, help="fixes the two directions and the attack starts (default 123)")
+    p.add_argument("--seed", type=int, help="fixes the two directions and the attack starts (default 123)")
     p.add_argument("--checkpoint", choices=("best", "last"),
                    help="which fine-tuning checkpoint (default: the one evaluation used)")
     p.add_argument("--workers", type=_positive, help="chunk tasks at once (default: what the Ray cluster fits)")

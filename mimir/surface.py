@@ -38,6 +38,7 @@ from mimir.config import ConfigError, RunConfig, Strict, format_errors
 
 InputKind = Literal["natural", "adversarial"]
 METRICS = ("loss", "accuracy")
+CHUNK = 64  # grid points per Ray task at most
 
 
 class SurfaceSettings(Strict):
@@ -235,8 +236,10 @@ def compute_surface(cfg: RunConfig, checkpoint: Any, settings: SurfaceSettings, 
     images, labels = load_test_subset(cfg, settings.num_images)
     workers = workers or default_workers(cfg)
     points = len(settings.points())
-    # a few chunks per worker: the workers finish together and progress shows between chunks
-    chunks = [c.tolist() for c in np.array_split(np.arange(points), min(points, 4 * workers))]
+    # at least four chunks per worker, so the workers finish together, and at most CHUNK points per
+    # chunk, so progress shows often; each chunk loads the model once (a second at most)
+    count = min(points, max(4 * workers, math.ceil(points / CHUNK)))
+    chunks = [c.tolist() for c in np.array_split(np.arange(points), count)]
     s = cfg.scaling
     # never inside a caller's placement group (a sweep trial reserves none of the CPUs this needs)
     task = ray.remote(_chunk_task).options(
@@ -354,16 +357,22 @@ def sweep_figure(spec: Any, experiment: Path) -> Path | None:
     return plot_surfaces(columns, experiment / "surface.png", spec.title or spec.name)
 
 
+def settings_from_args(args: Any) -> SurfaceSettings:
+    """The command's options as settings; an option left out keeps the settings' default."""
+    given = {"steps": args.steps, "span": args.span, "num_images": args.images, "inputs": args.inputs,
+             "attack_steps": args.attack_steps, "seed": args.seed, "checkpoint": args.checkpoint}
+    try:
+        return SurfaceSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, "mimir surface")) from None
+
+
 def main(args: Any) -> int:
     """``mimir surface`` handler."""
     from mimir.data.pipeline import resolve_dataset
     from mimir.runner import init_ray
 
-    try:
-        settings = SurfaceSettings(steps=args.steps, span=args.span, num_images=args.images, inputs=args.inputs,
-                                   attack_steps=args.attack_steps, seed=args.seed, checkpoint=args.checkpoint)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err, "mimir surface")) from None
+    settings = settings_from_args(args)
     checkpoint, cfg = resolve_run(args.run, settings.checkpoint)
     resolve_dataset(cfg.data)  # a missing dataset stops here, before Ray starts
     init_ray()

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 import yaml
 
 from mimir import attacks
-from mimir.cli import main
+from mimir.cli import build_parser, main
 from mimir.config import RunConfig
 from mimir.evaluation import load_classifier
 from mimir.models import build_classifier
 from mimir.surface import (Surface, SurfaceSettings, grid_losses, load_test_subset, plot_surfaces,
-                           random_directions)
+                           random_directions, settings_from_args)
 from mimir.sweeps import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def convit(tiny_config):
-    """A tiny ConViT: linear, conv, positional, gating, LayerNorm and bias parameters."""
-    cfg = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"arch": "convit_tiny"})})
+    """A tiny ConViT (16 tokens): linear, conv, positional, gating, LayerNorm and bias parameters."""
+    model = tiny_config.model.model_copy(update={"arch": "convit_tiny", "patch_size": 4})
+    cfg = tiny_config.model_copy(update={"model": model})
     return build_classifier(cfg, 10).eval()
 
 
@@ -110,6 +111,20 @@ def test_a_surface_round_trips_through_csv_and_its_record_and_is_drawn_one_colum
     one = matplotlib.image.imread(plot_surfaces([("a", surface)], tmp_path / "one.png"))
     two = matplotlib.image.imread(plot_surfaces([("a", surface), ("b", surface)], tmp_path / "two.png"))
     assert one.shape[0] == two.shape[0] and two.shape[1] == pytest.approx(2 * one.shape[1], rel=0.05)
+
+
+def test_mimir_surface_defaults_to_the_settings_its_help_names(capsys):
+    defaults = SurfaceSettings()
+    assert settings_from_args(build_parser().parse_args(["surface", "run"])) == defaults
+    assert settings_from_args(build_parser().parse_args(["surface", "run", "--steps", "5", "--inputs", "natural"])) \
+        == defaults.model_copy(update={"steps": 5, "inputs": ["natural"]})
+    with pytest.raises(SystemExit):
+        main(["surface", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for option, field in (("steps", "steps"), ("span", "span"), ("images", "num_images"),
+                          ("attack-steps", "attack_steps"), ("seed", "seed")):
+        assert f"--{option}" in shown and f"(default {getattr(defaults, field):g})" in shown, option
+    assert defaults.inputs == ["natural", "adversarial"] and "(default both)" in shown
 
 
 def test_a_run_without_finished_fine_tuning_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
