@@ -39,8 +39,8 @@ from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse
 from mimir.memory import PeakRSS, available_mb
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
-from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
-                               pretrain_optimizer, pretrain_step, set_lr)
+from mimir.train.steps import (Precision, compile_forward, finetune_optimizer, finetune_step, lr_at,
+                               mi_gradient_share, pretrain_optimizer, pretrain_step, set_lr)
 
 NUM_CLASSES = 10
 REFERENCE = "mimir"  # ratios are to this method's median step time
@@ -67,8 +67,18 @@ TARGETS = {"mimir_over_mae": 1.15, "mimir_over_pgd10_at": 0.2, "hsic_over_mae": 
 
 def main(args: argparse.Namespace) -> int:
     """``mimir bench`` handler: run, print the table, write the JSON report."""
-    report = run_bench(args)
-    print(format_table(report))
+    if getattr(args, "data", False):
+        from mimir.data.bench import format_data_table, run_data_bench
+
+        report = run_data_bench(args.data_images, args.data_epochs, args.data_cpus or os.cpu_count() or 1,
+                                args.data_dir)
+        print(format_data_table(report))
+    elif getattr(args, "compile", False):
+        report = run_compile_bench(args)
+        print(format_compile_table(report))
+    else:
+        report = run_bench(args)
+        print(format_table(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -381,6 +391,98 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.ray:
         report["ray"] = measure_ray_overhead(raw, args.ray_epochs, args.ray_batch, device)
     return report
+
+
+# -- compiled against eager -----------------------------------------------------------------------
+COMPILE_CHECK_STEPS = 3
+COMPILE_TOLERANCE = 1e-4  # largest loss difference allowed between eager and compiled steps
+COMPILE_TARGET = 1.25  # the MIMIR step's speed-up to reach
+
+
+def _seeded_losses(timed: _Timed, steps: int) -> list[float]:
+    """The losses of ``steps`` steps, each drawing its mask and attack start from a fixed seed."""
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(1000 + i)
+        losses.append(float(timed.step()["loss"]))
+    return losses
+
+
+def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``mimir bench --compile``: each method eager and under ``torch.compile`` (``scaling.compile``),
+    from the same initialization. First both run :data:`COMPILE_CHECK_STEPS` seeded steps whose losses
+    must agree to :data:`COMPILE_TOLERANCE` (the compiled side's first steps include compiling), then
+    rounds of steps alternate between the two."""
+    import torch._inductor.config as inductor_config
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device")
+    device = torch.device(args.device)
+    # random ops inside a compiled forward (drop path) draw as eager ones do, so losses can agree
+    inductor_config.fallback_random = True
+    raw = _base_raw(args)
+    methods = _selected(args.methods) if args.methods else ["mae", REFERENCE]
+    configs = {m: method_config(raw, m) for m in methods}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
+    check_memory({m: estimate_memory(METHODS[m][0], configs[m], device) for m in methods}, args.batch, device)
+
+    results: dict[str, Any] = {}
+    for m in methods:
+        eager = stage_step(METHODS[m][0], configs[m], images, labels, device)
+        compiled = stage_step(METHODS[m][0], configs[m], images, labels, device)
+        for module in compiled.modules:
+            compile_forward(module)
+        eager_losses = _seeded_losses(eager, COMPILE_CHECK_STEPS)
+        started = time.perf_counter()
+        compiled_losses = _seeded_losses(compiled, COMPILE_CHECK_STEPS)
+        first_steps = time.perf_counter() - started
+        difference = max(abs(a - b) for a, b in zip(eager_losses, compiled_losses))
+        print(f"[bench] {m}: losses eager {eager_losses} compiled {compiled_losses} "
+              f"(largest difference {difference:.2e}); first {COMPILE_CHECK_STEPS} compiled steps {first_steps:.1f} s",
+              flush=True)
+        seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for r in range(args.rounds):
+            order = ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")
+            for name in order:
+                timed = eager if name == "eager" else compiled
+                seconds[name] += [_timed(timed.step, device) for _ in range(args.steps)]
+            print(f"[bench] round {r + 1}/{args.rounds} {m}: eager {np.median(seconds['eager']):.3f} s/step, "
+                  f"compiled {np.median(seconds['compiled']):.3f} s/step", flush=True)
+        eager_s, compiled_s = float(np.median(seconds["eager"])), float(np.median(seconds["compiled"]))
+        results[m] = {"stage": METHODS[m][0], "eager": _summary(seconds["eager"]),
+                      "compiled": _summary(seconds["compiled"]), "speedup": eager_s / compiled_s,
+                      # the first steps less what they would have cost once compiled
+                      "compile_seconds": first_steps - COMPILE_CHECK_STEPS * compiled_s,
+                      "eager_losses": eager_losses, "compiled_losses": compiled_losses,
+                      "largest_loss_difference": difference, "losses_match": difference <= COMPILE_TOLERANCE}
+    speedup = results[REFERENCE]["speedup"]
+    return {"arguments": {k: v for k, v in vars(args).items() if k != "handler"}, "machine": _machine(device),
+            "config": configs[REFERENCE].model_dump(mode="json"), "methods": results,
+            "tolerance": COMPILE_TOLERANCE,
+            "target": {"mimir_speedup": speedup, "target": COMPILE_TARGET, "met": speedup >= COMPILE_TARGET}}
+
+
+def format_compile_table(report: dict[str, Any]) -> str:
+    args, machine = report["arguments"], report["machine"]
+    header = (f"{'method':<12} {'eager s/step':>12} {'compiled s/step':>15} {'speed-up':>8} {'compile s':>9} "
+              f"{'loss diff':>9} {'same':>5}")
+    lines = [f"mimir bench --compile: {args['arch']} img {args['img_size']} patch {args['patch_size']} batch "
+             f"{args['batch']}, {args['rounds']} rounds x {args['steps']} steps alternating, {machine['device']} "
+             f"({machine['torch_threads']} threads, torch {machine['torch']})", header, "-" * len(header)]
+    for name, row in report["methods"].items():
+        lines.append(f"{name:<12} {row['eager']['median_s']:>12.4f} {row['compiled']['median_s']:>15.4f} "
+                     f"{row['speedup']:>8.3f} {row['compile_seconds']:>9.1f} {row['largest_loss_difference']:>9.1e} "
+                     f"{'yes' if row['losses_match'] else 'NO':>5}")
+    t = report["target"]
+    lines.append(f"losses of {COMPILE_CHECK_STEPS} seeded steps from the same initialization, eager vs compiled, "
+                 f"must agree to {report['tolerance']:g}")
+    lines.append(f"target MIMIR compiled speed-up >= {t['target']}: {t['mimir_speedup']:.3f} "
+                 f"{'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
 
 
 def _machine(device: torch.device) -> dict[str, Any]:

@@ -163,6 +163,16 @@ def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
                    help="also measure Ray Train + Ray Data overhead on a small digits pre-training")
     p.add_argument("--ray-epochs", type=_at_least(2), default=3, help="epochs of the --ray pre-training (>= 2)")
     p.add_argument("--ray-batch", type=_positive, default=128, help="batch size of the --ray pre-training")
+    p.add_argument("--data", action="store_true",
+                   help="instead of steps: images/s of the ImageNet training transform through Ray Data per CPU "
+                        "against a bare PIL + torchvision loop, and the CPUs per GPU that keep a GPU fed")
+    p.add_argument("--data-images", type=_positive, default=1024, help="synthetic JPEGs for --data (default 1024)")
+    p.add_argument("--data-epochs", type=_positive, default=3, help="timed epochs per side for --data (default 3)")
+    p.add_argument("--data-cpus", type=_positive, help="CPUs of the local Ray for --data (default: all)")
+    p.add_argument("--data-dir", help="a prepared JPEG dataset to time with --data instead of synthetic images")
+    p.add_argument("--compile", action="store_true",
+                   help="time each method eager against torch.compile'd (scaling.compile), alternating, after "
+                        "checking their losses agree (default methods: mae, mimir)")
     p.set_defaults(handler="mimir.bench:main")
 
 

@@ -255,6 +255,9 @@ class ScalingConfig(Strict):
     # torch's deterministic algorithms (and no cuDNN autotuning): on GPUs, same seed -> same weights,
     # at some speed; CPU runs are deterministic without it
     deterministic: bool = False
+    # torch.compile the encoder (and decoder) forward and backward, the attacks' included: the first
+    # steps pay the compilation; eager is the default until compiled steps are proven on CUDA too
+    compile: bool = False
 
     @field_validator("resources_per_worker")
     @classmethod

@@ -93,3 +93,26 @@ def test_autoattack_adapter_returns_bounded_examples():
     assert adv.shape == x.shape and _in_ball(adv, x)
     with torch.no_grad():
         assert (model(adv).argmax(1) == y).float().mean() <= (model(x).argmax(1) == y).float().mean()
+
+
+def test_autoattack_with_frozen_weights_finds_the_same_examples_without_weight_gradients():
+    from mimir.evaluation import frozen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.rand(6, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point starts correct; a small eps leaves some for FAB-T and Square
+    eps = 2 / 255
+    plain = attacks.autoattack(model, x, y, eps, batch_size=6)
+    # FAB's backward() computes (and keeps) every weight's gradient: the work freezing saves
+    assert any(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with frozen(model):
+        fast = attacks.autoattack(model, x, y, eps, batch_size=6)
+    assert torch.equal(plain, fast)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the flags come back
+    with torch.no_grad():
+        robust = (model(fast).argmax(1) == y).sum().item()
+    assert 0 < robust < len(y)  # some points broken, some not: every attack of the four ran

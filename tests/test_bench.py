@@ -114,3 +114,61 @@ def test_bench_ray_overhead(ray_local, data_root, tmp_path):
     ray_report = bench.run_bench(args)["ray"]
     assert len(ray_report["ray_epoch_seconds"]) == len(ray_report["bare_epoch_seconds"]) == 2
     assert ray_report["ray_overhead"] > 0
+
+
+@pytest.mark.slow  # compiling even a tiny model's steps takes tens of seconds on a CPU
+def test_bench_compile_checks_losses_then_times_both_alternately(tmp_path, capsys):
+    out = tmp_path / "compile.json"
+    args = _parse([*TINY, "--compile", "--out", str(out)])
+    assert args.handler(args) == 0
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["mae", "mimir"]
+    for name, row in report["methods"].items():
+        assert len(row["eager_losses"]) == len(row["compiled_losses"]) == bench.COMPILE_CHECK_STEPS
+        assert row["losses_match"] and row["largest_loss_difference"] <= bench.COMPILE_TOLERANCE, name
+        # the steps really train: three seeded steps from one initialization do not repeat a loss
+        assert len(set(row["eager_losses"])) == bench.COMPILE_CHECK_STEPS
+        assert row["eager"]["median_s"] > 0 and row["compiled"]["median_s"] > 0
+        assert row["speedup"] == pytest.approx(row["eager"]["median_s"] / row["compiled"]["median_s"])
+    assert report["target"]["mimir_speedup"] == report["methods"]["mimir"]["speedup"]
+    assert "target MIMIR compiled speed-up" in capsys.readouterr().out
+
+
+def test_a_compiled_model_keeps_its_parameter_names(tiny_config):
+    from mimir.models import build_mae
+    from mimir.train.steps import compile_forward
+
+    eager, compiled = build_mae(tiny_config), compile_forward(build_mae(tiny_config))
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    assert compile_forward(eager, on=False)._compiled_call_impl is None
+    assert compiled._compiled_call_impl is not None
+
+
+def test_bench_data_times_ray_data_against_a_bare_loop(ray_local, tmp_path, capsys):
+    args = _parse(["--data", "--data-images", "24", "--data-epochs", "1", "--data-cpus", "2",
+                   "--out", str(tmp_path / "data.json")])
+    assert args.handler(args) == 0
+    report = json.loads((tmp_path / "data.json").read_text())
+    assert report["images"] == 24 and report["mean_jpeg_kb"] > 10  # real JPEGs of ImageNet's size
+    assert len(report["epoch_seconds"]["ray"]) == len(report["epoch_seconds"]["bare"]) == 1
+    assert report["ratio_per_cpu"] == pytest.approx(
+        report["ray_images_per_second_per_cpu"] / report["bare_images_per_second_per_cpu"])
+    assert report["data_cpus_per_gpu"] >= report["paper_images_per_second_per_gpu"] / report[
+        "ray_images_per_second_per_cpu"]
+    assert "CPUs per GPU" in capsys.readouterr().out
+
+
+def test_synthetic_jpegs_have_imagenet_sizes():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mimir.data.bench import synthetic_jpeg
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        blob = synthetic_jpeg(rng)
+        with Image.open(io.BytesIO(blob)) as image:
+            assert image.format == "JPEG" and 400 <= image.width <= 500 and 300 <= image.height <= 375
+        assert 20_000 < len(blob) < 400_000

@@ -29,8 +29,8 @@ from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
-from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, mi_gradient_share,
-                               pretrain_optimizer, pretrain_step, set_lr, unwrap,
+from mimir.train.steps import (Precision, compile_forward, finetune_optimizer, finetune_step, lr_at,
+                               mi_gradient_share, pretrain_optimizer, pretrain_step, set_lr, unwrap,
                                use_deterministic_algorithms)
 
 Metrics = dict[str, torch.Tensor]
@@ -189,7 +189,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the pre-training TorchTrainer (Algorithm 1)."""
     cfg = RunConfig.model_validate(config["run"])
     device = _worker_setup(cfg)
-    model = ray.train.torch.prepare_model(build_mae(cfg))
+    model = ray.train.torch.prepare_model(compile_forward(build_mae(cfg), cfg.scaling.compile))
     optimizer = pretrain_optimizer(model, cfg.pretrain)
     precision = Precision.create(cfg.scaling.precision, device)
     penalty = MIPenalty.from_config(cfg.pretrain.mi)
@@ -239,7 +239,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
     if pretrained is not None and ray.train.get_checkpoint() is None:
         with pretrained.as_directory() as directory:
             load_encoder_weights(classifier.net, load_weights(directory))
-    model = ray.train.torch.prepare_model(classifier)
+    model = ray.train.torch.prepare_model(compile_forward(classifier, cfg.scaling.compile))
     optimizer = finetune_optimizer(model, cfg.finetune)
     precision = Precision.create(cfg.scaling.precision, device)
 

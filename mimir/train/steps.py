@@ -61,6 +61,16 @@ def use_deterministic_algorithms(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def compile_forward(model: nn.Module, on: bool = True) -> nn.Module:
+    """``scaling.compile``: compile the module's forward (and so its backward, for the update and for
+    every attack's input gradient) with ``torch.compile``, in place, so parameter names, checkpoints
+    and DDP wrapping stay as they are. Helpers called outside ``forward`` (masks, losses, the MI
+    penalty, the optimizer) stay eager; train and eval mode each compile once."""
+    if on:
+        model.compile()
+    return model
+
+
 # -- learning rate -------------------------------------------------------------------------------
 def lr_at(epoch: float, cfg: OptimConfig) -> float:
     """Linear warm-up then half-cycle cosine, evaluated per iteration (``epoch`` is fractional)."""
