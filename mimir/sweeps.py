@@ -74,7 +74,7 @@ class Row(Strict):
         if self.quoted is not None and (self.set or self.base is not None or self.evaluates is not None):
             raise ValueError(f"row {self.label!r} is quoted from {self.quoted}: it runs nothing, so it takes no "
                              "set, base or evaluates")
-        if self.evaluates is not None and self.base is not None:
+        if self.evaluates is not None and isinstance(self.base, str):
             raise ValueError(f"row {self.label!r} evaluates another spec's model, whose config is its base; "
                              "give no base")
         return self
@@ -470,7 +470,7 @@ def combine_seeds(cfg: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
-              run: TrialRunner = run_trial) -> dict[str, Any]:
+              run: TrialRunner = run_trial, tune_session: bool = True) -> dict[str, Any]:
     """A trial's point run with ``spec.seeds`` seeds, each reusing its results if it finished before
     an interruption; writes and returns the trial's record (one run's, or their combination)."""
     from mimir.runner import write_json_atomically
@@ -489,8 +489,9 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
             print(f"[sweep] {seed_dir.relative_to(experiment)} had finished before the sweep was interrupted; "
                   "reusing its results", flush=True)
         else:
-            callback = _validation_callback(spec.objective.validation, index, cfg.finetune.epochs, spec.seeds)
-            results = run_with_retry(seed_cfg, experiment, seed_dir, [callback], run=run)
+            callbacks = ([_validation_callback(spec.objective.validation, index, cfg.finetune.epochs, spec.seeds)]
+                         if tune_session else [])
+            results = run_with_retry(seed_cfg, experiment, seed_dir, callbacks, run=run)
         runs.append(results)
     if spec.seeds == 1:
         return runs[0]
@@ -499,21 +500,17 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
     return combined
 
 
-def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
-               storage: str, sources: dict[str, dict[str, Any] | str], run: TrialRunner = run_trial) -> None:
-    """The Tune trial: build the trial's config, run it with each seed (once more at lr / 10 on NaN),
-    or, for an evaluation-only row, evaluate its source's model; report the final values. The record
-    names the trial's row and group. A failure is written to the trial's folder and raised, so Tune
-    records the trial as errored."""
-    from ray import tune
+def run_grid_trial(point: dict[str, Any], *, base: dict[str, Any], spec: SweepSpec, experiment: Path,
+                   trial_dir: Path, storage: str, sources: dict[str, dict[str, Any] | str],
+                   run: TrialRunner = run_trial, tune_session: bool = True) -> tuple[Any, dict[str, Any]]:
+    """What a Tune trial does with its point: build the trial's config, run it with each seed (once
+    more at lr / 10 on NaN), or, for an evaluation-only row, evaluate its source's model; write the
+    record, which names the trial's row and group. A failure is written to the trial's folder and
+    raised. Returns the config and the record. ``tune_session`` False: outside Tune, so no validation
+    epochs are reported to it."""
+    from mimir.runner import record_failure, write_json_atomically
 
-    from mimir.runner import quiet_ray_data, record_failure, write_json_atomically
-
-    quiet_ray_data()
-    spec = SweepSpec.model_validate(spec_json)
-    point = _decode_point(params)
     identity = trial_identity(spec, point)
-    trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"storage_path": storage})})
     try:
@@ -522,7 +519,8 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
             raise SourceUnavailable(source)
         if source is not None:
             run = functools.partial(run, finetuned=source["evaluated_checkpoint"])
-        results = {**run_point(cfg, spec, Path(experiment), trial_dir, run=run), **identity}
+        results = {**run_point(cfg, spec, Path(experiment), trial_dir, run=run, tune_session=tune_session),
+                   **identity}
         if spec.surface is not None and "surface" not in results:
             results["surface"] = trial_surface(results, spec.surface)
             write_json_atomically(trial_dir / "results.json", results)
@@ -534,6 +532,22 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
         raise
     if identity:
         write_json_atomically(trial_dir / "results.json", results)
+    return cfg, results
+
+
+def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[str, Any], experiment: str,
+               storage: str, sources: dict[str, dict[str, Any] | str], run: TrialRunner = run_trial) -> None:
+    """The Tune trial: ``run_grid_trial`` in the trial's folder, then its final report. A failure is
+    raised, so Tune records the trial as errored."""
+    from ray import tune
+
+    from mimir.runner import quiet_ray_data
+
+    quiet_ray_data()
+    spec = SweepSpec.model_validate(spec_json)
+    trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
+    cfg, results = run_grid_trial(_decode_point(params), base=base, spec=spec, experiment=Path(experiment),
+                                  trial_dir=trial_dir, storage=storage, sources=sources, run=run)
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
@@ -562,9 +576,10 @@ def experiment_dir(spec: SweepSpec, out: str | None) -> Path:
 
 def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None,
               storage_url: str | None = None, resume: bool = False, tiny: bool = False,
-              run: TrialRunner = run_trial) -> Path:
+              max_concurrent: int | None = None, run: TrialRunner = run_trial) -> Path:
     """Run (or continue) the sweep; returns the experiment folder. Failed trials do not stop it.
-    ``tiny``: the spec's tiny variant (``mimir.reproduce.tiny_variant``: the same rows on the digits).
+    ``tiny``: the spec's tiny variant (``mimir.reproduce.tiny_variant``: the same rows on the digits);
+    ``max_concurrent``: trials at once, instead of the spec's (a cluster bigger than it assumed).
 
     ``run`` is the trial hook: what one trial does with its config (default: the real pipeline).
     Tests replace it to exercise Tune, Optuna, failures and resume without training."""
@@ -582,6 +597,8 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     from mimir.runner import init_ray, pretrain_leases, release_pretrain_leases
 
     spec, base = load_spec(spec_path, tiny=tiny)
+    if max_concurrent is not None:
+        spec = spec.model_copy(update={"max_concurrent": max_concurrent})
     if overrides:
         spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
         load_spec_check(base, spec)
