@@ -96,14 +96,15 @@ def evaluate(config: str | Path | RunConfig, *overrides: str, checkpoint: Checkp
 
 
 def sweep(spec: str | Path, *overrides: str, out: str | Path | None = None, storage: str | None = None,
-          resume: bool = False, tiny: bool = False, **fields: Any) -> dict[str, Any]:
-    """``mimir sweep``: runs the spec's trials (``tiny``: its tiny variant on the digits) and writes its
-    tables; returns the experiment folder, the Markdown table and every finished trial's results record."""
+          resume: bool = False, tiny: bool = False, max_concurrent: int | None = None, **fields: Any) -> dict[str, Any]:
+    """``mimir sweep``: runs the spec's trials (``tiny``: its tiny variant on the digits; ``max_concurrent``
+    at once instead of the spec's number) and writes its tables; returns the experiment folder, the
+    Markdown table and every finished trial's results record."""
     from mimir.report import collect_trials, write_reports
     from mimir.sweeps import load_spec, run_sweep
 
     experiment = run_sweep(spec, _overrides(overrides, fields), out=str(out) if out else None, storage_url=storage,
-                           resume=resume, tiny=tiny)
+                           resume=resume, tiny=tiny, max_concurrent=max_concurrent)
     loaded, _ = load_spec(spec, tiny=tiny)
     return {"experiment": str(experiment), "table": write_reports(loaded, experiment),
             "trials": collect_trials(experiment)}

@@ -76,7 +76,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         from mimir.plan import format_plan, infeasible_message, plan_sweep
 
         plan = plan_sweep(args.spec, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
-                          cluster=args.cluster)
+                          cluster=args.cluster, max_concurrent=args.max_concurrent)
         print(format_plan(plan))
         if plan.infeasible:
             print(f"mimir: error: {infeasible_message(plan)}", file=sys.stderr)
@@ -85,7 +85,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from mimir import api
 
     result = api.sweep(args.spec, *args.overrides, out=args.out, storage=args.storage, resume=args.resume,
-                       tiny=args.tiny)
+                       tiny=args.tiny, max_concurrent=args.max_concurrent)
     print(result["table"])
     print(f"experiment: {result['experiment']}")
     return 0
@@ -225,6 +225,8 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--tiny", action="store_true",
                    help="the spec's tiny variant: the same rows on the digits, small model, one epoch per stage")
+    p.add_argument("--max-concurrent", type=_positive, metavar="N",
+                   help="trials at once (default: the spec's max_concurrent), for a cluster that has room for more")
     p.add_argument("--plan", action="store_true",
                    help="run nothing: print the trials, the pre-trainings they share, their resources against "
                         "the cluster, and the estimated GPU-hours and wall time")

@@ -266,11 +266,14 @@ def _wall_seconds(trials: list[TrialPlan], slots: int) -> float:
 
 
 def plan_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None, tiny: bool = False,
-               costs: str | Path | None = None, cluster: str | Path | None = None) -> Plan:
+               max_concurrent: int | None = None, costs: str | Path | None = None,
+               cluster: str | Path | None = None) -> Plan:
     """The plan of ``mimir sweep SPEC``: its trials, what they share, their resources checked against
     the cluster (``cluster``: a file; else the connected one, if any) and their cost (``costs``: a
     ``mimir bench --out`` report; else Table 10)."""
     spec, base = load_spec(spec_path, tiny=tiny)
+    if max_concurrent is not None:
+        spec = spec.model_copy(update={"max_concurrent": max_concurrent})
     if overrides:
         spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
         load_spec_check(base, spec)

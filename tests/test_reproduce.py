@@ -200,6 +200,13 @@ def test_cluster_files_are_read_and_trials_that_never_fit_are_named(tmp_path, ca
     assert "CANNOT EVER BE SCHEDULED: eight GPUs" in out
     assert "8 workers × {CPU: 2, GPU: 1}" in err and "ray.worker.gpu" in err and "at most 4" in err
     assert main(["sweep", str(wide), "--plan", "--cluster", str(raycluster)]) == 0
+    # more trials at once than the spec's one, where the cluster has room: 16 GPUs, 4 per trial
+    wider = plan_sweep(spec_path("table7_estimator"), cluster=raycluster, max_concurrent=8)
+    assert set(wider.fits.values()) == {4} and wider.wall_seconds < table7.wall_seconds / 2
+    capsys.readouterr()
+    assert main(["sweep", str(spec_path("table7_estimator")), "--plan", "--max-concurrent", "8",
+                 "--cluster", str(raycluster)]) == 0
+    assert "with max_concurrent 8 (the cluster runs 4 at once)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="neither a Ray cluster launcher config"):
         cluster_from_file(REPO / "configs" / "quickstart.yaml")
 
