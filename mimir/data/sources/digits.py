@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from mimir.data.format import (MANIFEST_NAME, DatasetError, DatasetSpec, default_data_dir, is_prepared,
                                write_dataset)
@@ -26,6 +24,11 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     The split is fixed (stratified, 25% test, ``random_state=0``), so every call returns the same data.
     """
+    # imported here: scikit-learn (and the SciPy it loads) is seconds of import in every Ray worker
+    # process that reads a dataset, and only preparing the digits needs it
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = _to_rgb16(digits.images)
     labels = digits.target.astype(np.int64)
