@@ -223,8 +223,8 @@ def default_workers(cfg: RunConfig) -> int:
     return max(1, int(total.get("CPU", 1) // s.cpus_per_worker))
 
 
-def compute_surface(cfg: RunConfig, checkpoint: Any, settings: SurfaceSettings, workers: int | None = None,
-                    label: str = "[surface]") -> Surface:
+def compute_surface(cfg: RunConfig, checkpoint: Any, settings: SurfaceSettings, workers: int | None = None
+                    ) -> Surface:
     """The surface of a fine-tuning checkpoint (a ``ray.train.Checkpoint``), its grid in chunks over
     Ray tasks (``workers`` at a time; default :func:`default_workers`). Ray must be initialized."""
     import ray
@@ -248,9 +248,9 @@ def compute_surface(cfg: RunConfig, checkpoint: Any, settings: SurfaceSettings, 
     shared = [ray.put(cfg.model_dump(mode="json")), checkpoint, ray.put(settings.model_dump(mode="json"))]
     data = [ray.put(images), ray.put(labels)]
     pending = {task.remote(*shared, chunk, *data): k for k, chunk in enumerate(chunks)}
-    print(f"{label} {points} grid points on {len(labels)} test images ({', '.join(settings.inputs)}), "
+    print(f"[surface] {points} grid points on {len(labels)} test images ({', '.join(settings.inputs)}), "
           f"{len(chunks)} chunks over {workers} workers", flush=True)
-    progress = Progress(label, points, "points", cfg.log.progress_percent, cfg.log.progress_after_seconds)
+    progress = Progress("[surface]", points, "points", cfg.log.progress_percent, cfg.log.progress_after_seconds)
     results: list[list[dict[str, float]] | None] = [None] * len(chunks)
     done = 0
     while pending:
