@@ -216,6 +216,15 @@ def evaluate_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
     return images * steps * attack_step_seconds(cfg) * device.factor("pgd10_at")
 
 
+def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> float:
+    """A loss surface (``mimir surface``, Figure 5): at every grid point a forward pass on each image
+    (about half an attack step) and, for the adversarial loss, PGD-k first."""
+    size = dataset_size(cfg) or DATASETS[_column(cfg)]
+    images = min(size.test, settings.num_images)
+    per_image = sum(0.5 + (settings.attack_steps if kind == "adversarial" else 0) for kind in settings.inputs)
+    return settings.steps ** 2 * images * per_image * attack_step_seconds(cfg) * device.factor("pgd10_at")
+
+
 def run_costs(cfg: RunConfig, device: Device = PAPER, *, pretrain: bool = True, finetune: bool = True) -> StageCosts:
     """Device-seconds of the stages a run trains (``pretrain`` / ``finetune`` False: reused) and evaluates."""
     return StageCosts(pretrain_seconds(cfg, device) if pretrain and cfg.pretrain.enabled else 0.0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from mimir.config import ConfigError, RunConfig, flatten, parse_overrides
-from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs
+from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs, surface_seconds
 from mimir.sweeps import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_spec, load_spec_check,
                           trial_config, trial_identity)
 
@@ -241,9 +242,11 @@ def _trials(spec: SweepSpec, base: dict[str, Any], device: Device, experiment: P
         first = key is not None and key not in seen
         if first:
             seen[key] = label
-        trials.append(TrialPlan(label, cfg, key, first, trains,
-                                run_costs(cfg, device, pretrain=first, finetune=trains),
-                                worker_bundle(cfg), cfg.scaling.num_workers, evaluates))
+        costs = run_costs(cfg, device, pretrain=first, finetune=trains)
+        if spec.surface is not None and trains:  # each trained trial also computes its loss surface
+            costs = dataclasses.replace(costs, evaluate=costs.evaluate + surface_seconds(cfg, spec.surface, device))
+        trials.append(TrialPlan(label, cfg, key, first, trains, costs, worker_bundle(cfg), cfg.scaling.num_workers,
+                                evaluates))
     return trials, notes
 
 

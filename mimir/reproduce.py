@@ -33,6 +33,7 @@ TINY: dict[str, Any] = {
     "scaling.use_gpu": False, "scaling.max_failures": 0,
 }
 XCIT_TINY_PATCH = 8  # timm's XCiT patch embedding takes 8 or 16
+TINY_SURFACE: dict[str, Any] = {"steps": 5, "num_images": 32, "attack_steps": 2}  # a loss surface in seconds
 
 
 def _row_arch(spec: SweepSpec, base: dict[str, Any], row: Any) -> str:
@@ -56,9 +57,10 @@ def tiny_variant(spec: SweepSpec, base: dict[str, Any]) -> SweepSpec:
         rows.append(row.model_copy(update=update))
     title = (f"{spec.title or spec.name} — tiny variant (digits, small model, one epoch per stage: the paper's "
              "numbers are beside it for the layout, not for comparison)")
+    surface = spec.surface.model_copy(update=TINY_SURFACE) if spec.surface is not None else None
     return spec.model_copy(update={"name": spec.name + TINY_SUFFIX, "title": title, "rows": rows,
                                    "overrides": {**spec.overrides, **TINY}, "resources": Resources(),
-                                   "max_concurrent": 1})
+                                   "max_concurrent": 1, "surface": surface})
 
 
 def paper_specs(tune_dir: Path = TUNE_DIR) -> dict[str, list[Path]]:

@@ -280,6 +280,26 @@ def test_a_tiny_variant_keeps_the_rows_on_the_digits():
     assert configs[1].evaluate.eps == pytest.approx(4 / 255)  # the groups' settings stay
 
 
+def test_the_tiny_figure5_computes_a_small_surface():
+    paper, _ = load_spec(spec_path("figure5_loss_surface"))
+    tiny, _ = load_spec(spec_path("figure5_loss_surface"), tiny=True)
+    assert (paper.surface.steps, paper.surface.num_images) == (51, 1000)
+    assert (tiny.surface.steps, tiny.surface.num_images, tiny.surface.attack_steps) == (5, 32, 2)
+    assert tiny.surface.inputs == paper.surface.inputs and tiny.surface.seed == paper.surface.seed
+
+
+def test_the_plan_prices_each_trials_loss_surface():
+    from mimir.costs import evaluate_seconds, surface_seconds
+
+    plan = plan_sweep(spec_path("figure5_loss_surface"))
+    spec, _ = load_spec(spec_path("figure5_loss_surface"))
+    for trial in plan.trials:
+        surface = surface_seconds(trial.config, spec.surface)
+        assert trial.costs.evaluate == pytest.approx(evaluate_seconds(trial.config) + surface)
+        # 51 x 51 points, each a forward and PGD-10 on 1000 images: far more than one evaluation
+        assert surface > 10 * evaluate_seconds(trial.config)
+
+
 def recording_trial(cfg, experiment, trial_dir, callbacks=(), finetuned=None):
     """The trial hook's stand-in, without Ray: an accuracy per attack that is a function of the config,
     the fine-tuned checkpoint it evaluated, and whether it trained one."""
