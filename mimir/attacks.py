@@ -8,13 +8,29 @@ gradients on the model's parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mimir.mi import MIPenalty
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model's weights without gradients while an attack runs: it needs the input's gradient
+    only. Eager autograd then keeps fewer activations; a compiled model's backward (one fused graph
+    for every input that requires a gradient) and a ``backward()`` call (AutoAttack's FAB) would
+    otherwise compute every weight's gradient too. The weights' own flags come back afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,7 +78,8 @@ def reconstruction_attack(mae: nn.Module, x: torch.Tensor, keep: torch.Tensor, e
         return mae.reconstruction_loss(pred, x_adv if target_adversarial else x, step_keep)
 
     region = None if fresh_mask else mae.pixel_visibility(keep)
-    return pgd(loss, x, eps, step_size, steps, random_start, region=region)
+    with frozen(mae):
+        return pgd(loss, x, eps, step_size, steps, random_start, region=region)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,7 +90,8 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
            steps: int, random_start: bool = True, start: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier PGD on the cross-entropy (Madry et al.); ``start`` replaces the uniform start."""
-    return pgd(lambda xa: _soft_ce(model(xa), y), x, eps, step_size, steps, random_start, start=start)
+    with frozen(model):
+        return pgd(lambda xa: _soft_ce(model(xa), y), x, eps, step_size, steps, random_start, start=start)
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,8 +103,9 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, step_size: f
     """TRADES' inner maximization: x_adv maximizing KL(f(x) || f(x_adv)), from x + 0.001 N(0, I)."""
     with torch.no_grad():
         p_nat = F.softmax(model(x).float(), dim=1)
-    return pgd(lambda xa: F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum"),
-               x, eps, step_size, steps, start=x + 0.001 * torch.randn_like(x))
+    with frozen(model):
+        return pgd(lambda xa: F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum"),
+                   x, eps, step_size, steps, start=x + 0.001 * torch.randn_like(x))
 
 
 def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -121,15 +140,17 @@ def pgd_mi(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty: MIPenalt
         z = model.pooled(model.features(xa))
         return _soft_ce(model.net.head(z), y) + penalty(x, xa, z)
 
-    return pgd(loss, x, eps, step_size, steps)
+    with frozen(model):
+        return pgd(loss, x, eps, step_size, steps)
 
 
 def pgd_feature(model: nn.Module, x: torch.Tensor, eps: float, step_size: float, steps: int) -> torch.Tensor:
     """Adaptive PGD-feature (Eq. 22): maximize the l2 distance of encoder features to the clean ones."""
     with torch.no_grad():
         clean = model.features(x).flatten(1).float()
-    return pgd(lambda xa: (model.features(xa).flatten(1).float() - clean).norm(dim=1).sum(),
-               x, eps, step_size, steps)
+    with frozen(model):
+        return pgd(lambda xa: (model.features(xa).flatten(1).float() - clean).norm(dim=1).sum(),
+                   x, eps, step_size, steps)
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 256,
@@ -142,13 +163,14 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b
         from autoattack import AutoAttack as Reference
     except ImportError:
         Reference = None
-    if Reference is not None:
-        adversary = Reference(model, norm="Linf", eps=eps, version="standard", device=x.device.type,
-                              seed=seed, verbose=False)
-        return adversary.run_standard_evaluation(x, y, bs=batch_size)
-    from pyautoattack import AutoAttack
+    with frozen(model):
+        if Reference is not None:
+            adversary = Reference(model, norm="Linf", eps=eps, version="standard", device=x.device.type,
+                                  seed=seed, verbose=False)
+            return adversary.run_standard_evaluation(x, y, bs=batch_size)
+        from pyautoattack import AutoAttack
 
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
-    adversary.verbose = False
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    return x_adv
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
+        adversary.verbose = False
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        return x_adv

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,39 +44,24 @@ def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, to
     correct = {name: 0 for name in cfg.evaluate.attacks}
     seconds = {name: 0.0 for name in cfg.evaluate.attacks}
     total = 0
-    with frozen(model):
-        for images, labels in batches:
-            x, y = images.to(device), labels.to(device)
-            for name in cfg.evaluate.attacks:
-                started = time.perf_counter()
-                adv = _attack(name, model, x, y, cfg)
-                with torch.no_grad():
-                    correct[name] += (model(adv).argmax(dim=1) == y).sum().item()
-                seconds[name] += time.perf_counter() - started
-            total += len(y)
-            if progress is not None and progress.due(total):
-                running = " ".join(f"{name} {100.0 * n / total:.1f}" for name, n in correct.items())
-                progress.report(total, f", accuracy so far: {running}")
+    for images, labels in batches:
+        x, y = images.to(device), labels.to(device)
+        for name in cfg.evaluate.attacks:
+            started = time.perf_counter()
+            adv = _attack(name, model, x, y, cfg)
+            with torch.no_grad():
+                correct[name] += (model(adv).argmax(dim=1) == y).sum().item()
+            seconds[name] += time.perf_counter() - started
+        total += len(y)
+        if progress is not None and progress.due(total):
+            running = " ".join(f"{name} {100.0 * n / total:.1f}" for name, n in correct.items())
+            progress.report(total, f", accuracy so far: {running}")
     if progress is not None:
         progress.close()
     if total == 0:
         raise ValueError("the test split gave no images to evaluate")
     return {"accuracy": {name: 100.0 * n / total for name, n in correct.items()}, "seconds": seconds,
             "num_images": total}
-
-
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """No gradients for the weights while attacks run: they need gradients of the input only, and
-    an attack that calls ``backward()`` (AutoAttack's FAB) would otherwise compute and accumulate
-    every weight's gradient too. The weights' own flags come back afterwards."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor,

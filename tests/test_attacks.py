@@ -95,8 +95,8 @@ def test_autoattack_adapter_returns_bounded_examples():
         assert (model(adv).argmax(1) == y).float().mean() <= (model(x).argmax(1) == y).float().mean()
 
 
-def test_autoattack_with_frozen_weights_finds_the_same_examples_without_weight_gradients():
-    from mimir.evaluation import frozen
+def test_autoattack_freezes_the_weights_and_finds_the_packages_own_examples():
+    from pyautoattack import AutoAttack
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
@@ -104,15 +104,30 @@ def test_autoattack_with_frozen_weights_finds_the_same_examples_without_weight_g
     with torch.no_grad():
         y = model(x).argmax(1)  # every point starts correct; a small eps leaves some for FAB-T and Square
     eps = 2 / 255
-    plain = attacks.autoattack(model, x, y, eps, batch_size=6)
-    # FAB's backward() computes (and keeps) every weight's gradient: the work freezing saves
+    package = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=0)
+    package.verbose = False
+    reference, _ = package.run_standard_evaluation(x, y, batch_size=6)
+    # the package alone: FAB's backward() computes (and keeps) every weight's gradient, the work
+    # freezing saves
     assert any(p.grad is not None for p in model.parameters())
     model.zero_grad(set_to_none=True)
-    with frozen(model):
-        fast = attacks.autoattack(model, x, y, eps, batch_size=6)
-    assert torch.equal(plain, fast)
+    ours = attacks.autoattack(model, x, y, eps, batch_size=6)
+    assert torch.equal(ours, reference)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the flags come back
     with torch.no_grad():
-        robust = (model(fast).argmax(1) == y).sum().item()
-    assert 0 < robust < len(y)  # some points broken, some not: every attack of the four ran
+        robust = (model(ours).argmax(1) == y).sum().item()
+    assert 0 < robust < len(y)  # some points broken and some left after all four attacks ran
+
+
+def test_attacks_leave_no_weight_gradient_and_give_the_weights_their_flags_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    model[1].bias.requires_grad_(False)  # a flag of the caller's own survives the attack
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module[1].weight.requires_grad))
+    attacks.pgd_ce(model, x, y, EPS, EPS / 4, steps=2)
+    assert seen == [False, False]  # frozen while it ran
+    assert model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[1].weight.grad is None
