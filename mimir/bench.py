@@ -70,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "data", False):
         from mimir.data.bench import format_data_table, run_data_bench
 
-        report = run_data_bench(args.data_images, args.data_epochs, args.data_cpus or os.cpu_count() or 1,
-                                args.data_dir)
+        # every core but the consumer's (it stands in for the training worker and its own CPUs)
+        cpus = args.data_cpus or max((os.cpu_count() or 2) - 1, 1)
+        report = run_data_bench(args.data_images, args.data_epochs, cpus, args.data_dir)
         print(format_data_table(report))
     elif getattr(args, "compile", False):
         report = run_compile_bench(args)

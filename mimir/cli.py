@@ -168,7 +168,8 @@ def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
                         "against a bare PIL + torchvision loop, and the CPUs per GPU that keep a GPU fed")
     p.add_argument("--data-images", type=_positive, default=1024, help="synthetic JPEGs for --data (default 1024)")
     p.add_argument("--data-epochs", type=_positive, default=3, help="timed epochs per side for --data (default 3)")
-    p.add_argument("--data-cpus", type=_positive, help="CPUs of the local Ray for --data (default: all)")
+    p.add_argument("--data-cpus", type=_positive, help="CPUs of the local Ray for --data (default: all but one, which the consumer "
+                                                  "takes as a training worker would)")
     p.add_argument("--data-dir", help="a prepared JPEG dataset to time with --data instead of synthetic images")
     p.add_argument("--compile", action="store_true",
                    help="time each method eager against torch.compile'd (scaling.compile), alternating, after "
