@@ -424,7 +424,9 @@ def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
     # random ops inside a compiled forward (drop path) draw as eager ones do, so losses can agree
     inductor_config.fallback_random = True
     raw = _base_raw(args)
-    methods = _selected(args.methods) if args.methods else ["mae", REFERENCE]
+    # MIMIR (the target's method) and the ones asked for; MAE beside it by default
+    methods = [m for m in _selected(args.methods) if m in {REFERENCE, *args.methods.split(",")}] \
+        if args.methods else ["mae", REFERENCE]
     configs = {m: method_config(raw, m) for m in methods}
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)

@@ -157,7 +157,7 @@ def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when there is one")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--methods", help=f"comma list of {', '.join(BENCH_METHODS)} (default all; mae and mimir are "
-                                     "always timed)")
+                                     "always timed; with --compile: mimir and these, default mae,mimir)")
     p.add_argument("--out", default="bench.json", help="JSON report path")
     p.add_argument("--ray", action="store_true",
                    help="also measure Ray Train + Ray Data overhead on a small digits pre-training")

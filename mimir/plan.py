@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from mimir.config import ConfigError, RunConfig, flatten, parse_overrides
+from mimir.config import ConfigError, RunConfig
 from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs, surface_seconds
-from mimir.sweeps import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_spec, load_spec_check,
+from mimir.sweeps import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
                           trial_config, trial_identity)
 
 Bundle = dict[str, float]  # Ray resources: CPU, GPU, custom
@@ -274,12 +274,7 @@ def plan_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | N
     """The plan of ``mimir sweep SPEC``: its trials, what they share, their resources checked against
     the cluster (``cluster``: a file; else the connected one, if any) and their cost (``costs``: a
     ``mimir bench --out`` report; else Table 10)."""
-    spec, base = load_spec(spec_path, tiny=tiny)
-    if max_concurrent is not None:
-        spec = spec.model_copy(update={"max_concurrent": max_concurrent})
-    if overrides:
-        spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
-        load_spec_check(base, spec)
+    spec, base = load_command_spec(spec_path, overrides, tiny=tiny, max_concurrent=max_concurrent)
     device = bench_device(costs) if costs else PAPER
     trials, notes = _trials(spec, base, device, experiment_dir(spec, out))
     check = cluster_from_file(cluster) if cluster else connected_cluster()

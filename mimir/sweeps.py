@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mimir.config import (ConfigError, EvalAttack, Strict, build_config, deep_merge, flatten, format_errors, load_yaml,
-                          nest)
+                          nest, parse_overrides)
 from mimir.metrics import check_trackers, filesystem
 from mimir.surface import SurfaceSettings, sweep_figure, trial_surface
 
@@ -589,19 +589,12 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from mimir.config import parse_overrides
-
     class FinalValueSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
     from mimir.runner import init_ray, pretrain_leases, release_pretrain_leases
 
-    spec, base = load_spec(spec_path, tiny=tiny)
-    if max_concurrent is not None:
-        spec = spec.model_copy(update={"max_concurrent": max_concurrent})
-    if overrides:
-        spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
-        load_spec_check(base, spec)
+    spec, base = load_command_spec(spec_path, overrides, tiny=tiny, max_concurrent=max_concurrent)
     experiment = experiment_dir(spec, out)
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / "spec.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"),
@@ -688,6 +681,19 @@ def _read(path: str) -> str:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
         return stream.read().decode()
+
+
+def load_command_spec(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, tiny: bool = False,
+                      max_concurrent: int | None = None) -> tuple[SweepSpec, dict[str, Any]]:
+    """The spec as a command runs it (``mimir sweep``, ``--plan``): loaded, or its tiny variant, with
+    the command's ``key=value`` overrides and ``--max-concurrent``; trials checked when overridden."""
+    spec, base = load_spec(spec_path, tiny=tiny)
+    if max_concurrent is not None:
+        spec = spec.model_copy(update={"max_concurrent": max_concurrent})
+    if overrides:
+        spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
+        load_spec_check(base, spec)
+    return spec, base
 
 
 def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:

@@ -101,3 +101,17 @@ def test_a_terminal_gets_a_bar_through_ray(monkeypatch):
     assert bar.desc.startswith("[pretrain] epoch 2/5 loss 0.0") and ", ETA " in bar.desc
     progress.close()
     assert bar.closed and progress.bar is None
+
+
+def test_the_local_rays_processes_poll_ray_train_workers_often(ray_local):
+    """Ray Train's controller reads its poll interval from its process's environment: every process
+    of the local Ray gets the short one (each TorchTrainer start and stop waits on those polls)."""
+    from mimir.runner import LOCAL_POLL_SECONDS
+
+    @ray_local.remote(num_cpus=0)
+    def interval() -> str | None:
+        import os
+
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+    assert ray_local.get(interval.remote()) == str(LOCAL_POLL_SECONDS)

@@ -1,5 +1,6 @@
 """Loss surfaces (Eq. 23, Figure 5): Li et al.'s filter-normalized directions, the grid's losses,
-the surface files and figure, ``mimir surface``'s errors, and the digits Figure 5 sweep on Ray."""
+the surface files and figure, ``mimir surface``'s errors; the check of a real sweep's surfaces
+(:func:`check_trial_surfaces`, run by tests/test_sweep.py's one sweep that trains)."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from mimir import attacks
 from mimir.cli import build_parser, main
@@ -18,7 +18,7 @@ from mimir.evaluation import load_classifier
 from mimir.models import build_classifier
 from mimir.surface import (Surface, SurfaceSettings, grid_losses, load_test_subset, plot_surfaces,
                            random_directions, settings_from_args)
-from mimir.sweeps import run_sweep
+from mimir.sweeps import load_spec, load_spec_check
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,39 +146,40 @@ def test_a_run_without_finished_fine_tuning_is_refused_before_ray_starts(tmp_pat
     assert "natural, adversarial" in capsys.readouterr().err
 
 
-def test_the_digits_figure5_sweep_draws_a_rows_surface_as_one_process_would(ray_local, data_root, tmp_path,
-                                                                           capsys):
-    """The shipped digits spec with one of its rows (ConViT + MIMIR; each row trains for a minute
-    here) and a tiny grid: the trial's surface is spread over Ray tasks and equals the single-process
-    computation, the sweep draws the figure, and ``mimir surface`` on the trial's checkpoint
-    reproduces the surface."""
-    spec = yaml.safe_load((REPO / "tune" / "digits_figure5.yaml").read_text())
-    spec.update(base=str(REPO / "configs" / "quickstart.yaml"), rows=spec["rows"][:1],
-                surface={**spec["surface"], "steps": 3, "num_images": 12, "attack_steps": 2})
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
-                 "finetune.warmup_epochs=0", "finetune.attack.steps=1", "finetune.validation.images=0",
-                 "evaluate.num_images=16", "evaluate.attacks=[natural, pgd20]"]
-    experiment = run_sweep(tmp_path / "spec.yaml", overrides, out=str(tmp_path / "exp"))
-    trials = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
-    assert [t["config"]["model"]["arch"] for t in trials] == ["convit_tiny"]
-    assert [p.name for p in (experiment / "surfaces").iterdir()] == ["convit_mimir.csv"]
+def test_the_digits_figure5_spec_validates_every_trial():
+    spec, base = load_spec(REPO / "tune" / "digits_figure5.yaml")
+    load_spec_check(base, spec)
+    assert spec.surface.steps == 21 and [row.set["model.arch"] for row in spec.rows] == [
+        "convit_tiny", "convit_tiny", "vit_tiny", "vit_tiny"]
+
+
+def check_trial_surfaces(experiment: Path, trials: list[dict], settings: SurfaceSettings, tmp_path: Path,
+                         capsys) -> None:
+    """A real sweep's loss surfaces (``tests/test_sweep.py``): each trial's surface was spread over
+    Ray tasks and equals the single-process computation, the sweep drew the figure and one CSV per
+    row, and ``mimir surface`` on a trial's checkpoint reproduces its surface."""
     assert (experiment / "surface.png").stat().st_size > 0
-    settings = SurfaceSettings.model_validate(spec["surface"])
+    assert len(list((experiment / "surfaces").glob("*.csv"))) == len(trials)
     for trial in trials:
         record = trial["surface"]
-        assert record["num_images"] == 12 and record["workers"] == 2  # the test Ray's 2 CPUs
+        assert record["num_images"] == settings.num_images and record["workers"] == 2  # the test Ray's 2 CPUs
         cfg = RunConfig.model_validate(trial["config"])
         images, labels = load_test_subset(cfg, settings.num_images)
         model = load_classifier(record["checkpoint"], cfg)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each chunk task (one CPU each)
-        alone = grid_losses(model, torch.tensor(images).float() / 255, torch.tensor(labels), settings,
-                            cfg.evaluate.eps, cfg.evaluate.step_size, cfg.evaluate.batch_size)
+        try:
+            alone = grid_losses(model, torch.tensor(images).float() / 255, torch.tensor(labels), settings,
+                                cfg.evaluate.eps, cfg.evaluate.step_size, cfg.evaluate.batch_size)
+        finally:
+            torch.set_num_threads(threads)
         assert Surface.from_points(settings, alone, {}).values == record["values"]
     out = tmp_path / "cli"
-    assert main(["surface", trials[0]["surface"]["checkpoint"], "--out", str(out), "--steps", "3",
-                 "--images", "12", "--attack-steps", "2", "--inputs", "natural,adversarial"]) == 0
-    assert "surface: 3x3 points" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["surface", trials[0]["surface"]["checkpoint"], "--out", str(out), "--steps", str(settings.steps),
+                 "--images", str(settings.num_images), "--attack-steps", str(settings.attack_steps),
+                 "--inputs", "natural,adversarial"]) == 0
+    assert f"surface: {settings.steps}x{settings.steps} points" in capsys.readouterr().out
     again = Surface.read_csv(out / "surface.csv")
     np.testing.assert_allclose(np.array(again.values["natural_loss"]),
                                np.array(trials[0]["surface"]["values"]["natural_loss"]), rtol=1e-12)

@@ -16,6 +16,7 @@ from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
 from mimir.runner import NonFiniteRun
+from test_surface import check_trial_surfaces
 from mimir.sweeps import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
                          run_with_retry, study_name)
 
@@ -255,15 +256,17 @@ def test_asha_steers_on_validation_and_never_stops_a_trial_before_its_evaluation
     assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
 
 
-def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path):
+def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path, capsys):
     """The one sweep that really trains: two trials that differ in fine-tuning share a pre-training,
-    with scaling.storage_path a URI (as s3:// on a cluster): runs, cache and Tune state live there."""
+    with scaling.storage_path a URI (as s3:// on a cluster): runs, cache and Tune state live there.
+    Each trial also computes its loss surface (Figure 5's hook) on a tiny grid."""
     overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
                  "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
                  "evaluate.attacks=[natural, pgd20]", f"scaling.storage_path=file://{tmp_path}/bucket/sweeps"]
     spec_path = _spec(tmp_path, (
         "resources: {num_workers: 1, cpus_per_worker: 1}\n"
-        "space: {finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n"))
+        "surface: {steps: 3, num_images: 12, attack_steps: 2, inputs: [natural, adversarial]}\n"
+        "rows: [{label: blr 5e-3, set: {finetune.blr: 5.0e-3}}, {label: blr 1e-2, set: {finetune.blr: 1.0e-2}}]\n"))
     experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 2
@@ -279,6 +282,7 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
     study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
                               storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
+    check_trial_surfaces(experiment, results, spec_of(spec_path).surface, tmp_path, capsys)
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_local, tmp_path, fake_trial):
