@@ -24,7 +24,10 @@ WORKER_NODE = {"num_cpus": 2, "resources": {"rehearsal_worker": 1}}
 def main(config: str, data_root: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
-    # a dead node is noticed after 2 missed health checks of 1 s (Ray's defaults wait longer)
+    # a dead node is noticed after 2 missed health checks of 1 s (Ray's defaults wait longer); Ray
+    # Train's controller polls its workers every 0.2 s, as on mimir's local Ray (the nodes' processes
+    # inherit this environment)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}})
     workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
