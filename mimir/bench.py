@@ -101,15 +101,36 @@ def method_config(raw: dict[str, Any], method: str) -> RunConfig:
     return build_config(raw, METHODS[method][1], source=f"bench method {method}")
 
 
-def _selected(methods: str | None) -> list[str]:
-    """The methods to time, in table order; None means all."""
-    if methods is None:
-        return list(METHODS)
+def _named(methods: str) -> list[str]:
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    return [m for m in METHODS if m in {"mae", REFERENCE, *names}]  # table order
+    return names
+
+
+def _selected(methods: str | None) -> list[str]:
+    """The methods to time, in table order; None means all."""
+    if methods is None:
+        return list(METHODS)
+    return [m for m in METHODS if m in {"mae", REFERENCE, *_named(methods)}]  # table order
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``, with ``auto`` resolved (and written back, so the report names it)."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device")
+    return torch.device(args.device)
+
+
+def fixed_batch(batch: int, img_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random [0, 1] images and labels for every method and probe."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, img_size, img_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+    return images, labels
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -236,9 +257,7 @@ class MemoryEstimate:
 def _probe(stage: str, cfg: RunConfig, device: torch.device, batch: int) -> tuple[float | None, float]:
     """One real step's memory (after a warm-up step, which allocates the optimizer state) and the
     state it keeps, at ``batch`` images."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, cfg.data.img_size, cfg.data.img_size, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+    images, labels = fixed_batch(batch, cfg.data.img_size, device)
     timed = stage_step(stage, cfg, images, labels, device)
     timed.step()
     return _step_memory_mb(timed.step, device), timed.state_mb()
@@ -325,17 +344,11 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time every selected method (and the MI penalty alone); returns the JSON report."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but torch sees no CUDA device")
-    device = torch.device(args.device)
+    device = _device(args)
     raw = _base_raw(args)
     methods = _selected(args.methods)
     configs = {m: method_config(raw, m) for m in methods}
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
+    images, labels = fixed_batch(args.batch, args.img_size, device)
 
     check_memory({m: estimate_memory(METHODS[m][0], configs[m], device) for m in methods}, args.batch, device)
     timers = {m: stage_step(METHODS[m][0], configs[m], images, labels, device) for m in methods}
@@ -416,21 +429,14 @@ def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
     rounds of steps alternate between the two."""
     import torch._inductor.config as inductor_config
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but torch sees no CUDA device")
-    device = torch.device(args.device)
+    device = _device(args)
     # random ops inside a compiled forward (drop path) draw as eager ones do, so losses can agree
     inductor_config.fallback_random = True
     raw = _base_raw(args)
     # MIMIR (the target's method) and the ones asked for; MAE beside it by default
-    methods = [m for m in _selected(args.methods) if m in {REFERENCE, *args.methods.split(",")}] \
-        if args.methods else ["mae", REFERENCE]
+    methods = [m for m in METHODS if m in {REFERENCE, *_named(args.methods)}] if args.methods else ["mae", REFERENCE]
     configs = {m: method_config(raw, m) for m in methods}
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
+    images, labels = fixed_batch(args.batch, args.img_size, device)
     check_memory({m: estimate_memory(METHODS[m][0], configs[m], device) for m in methods}, args.batch, device)
 
     results: dict[str, Any] = {}
