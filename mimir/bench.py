@@ -30,17 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
 import torch
 import torch.nn as nn
 
-from mimir.attacks import reconstruction_attack
 from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse_overrides
 from mimir.memory import PeakRSS, available_mb
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
 from mimir.train.steps import (Precision, compile_forward, finetune_optimizer, finetune_step, lr_at,
-                               mi_gradient_share, pretrain_optimizer, pretrain_step, set_lr)
+                               mi_gradient_share, pretrain_adversary, pretrain_optimizer, pretrain_step, set_lr)
 
 NUM_CLASSES = 10
 REFERENCE = "mimir"  # ratios are to this method's median step time
@@ -201,8 +199,8 @@ def _attack_probe(cfg: RunConfig, images: torch.Tensor, device: torch.device) ->
     torch.manual_seed(cfg.seed)
     mae = build_mae(cfg).to(device).train()
     keep = mae.sample_keep(images.shape[0], device)
-    attack = cfg.pretrain.attack
-    return _Timed(lambda: reconstruction_attack(mae, images, keep, attack.eps, attack.step_size, attack.steps), [])
+    precision = Precision.create(cfg.scaling.precision, device)
+    return _Timed(lambda: pretrain_adversary(mae, images, keep, cfg.pretrain, precision), [])  # as in the step
 
 
 def memory_kind(device: torch.device) -> str:
@@ -409,7 +407,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- compiled against eager -----------------------------------------------------------------------
 COMPILE_CHECK_STEPS = 3
-COMPILE_TOLERANCE = 1e-4  # largest loss difference allowed between eager and compiled steps
+# largest loss difference allowed between eager and compiled steps, by autocast dtype: in fp32 the
+# two differ by summation order alone; in bf16 / fp16 compiled kernels round where eager ones do not
+# (on an H200, 2.8e-3 in bf16 for MIMIR at batch 256, about what bf16 itself moves the loss from fp32)
+COMPILE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
 COMPILE_TARGET = 1.25  # the MIMIR step's speed-up to reach
 
 
@@ -425,8 +426,8 @@ def _seeded_losses(timed: _Timed, steps: int) -> list[float]:
 def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
     """``mimir bench --compile``: each method eager and under ``torch.compile`` (``scaling.compile``),
     from the same initialization. First both run :data:`COMPILE_CHECK_STEPS` seeded steps whose losses
-    must agree to :data:`COMPILE_TOLERANCE` (the compiled side's first steps include compiling), then
-    rounds of steps alternate between the two."""
+    must agree to :data:`COMPILE_TOLERANCE` at the steps' precision (the compiled side's first steps
+    include compiling), then rounds of steps alternate between the two."""
     import torch._inductor.config as inductor_config
 
     device = _device(args)
@@ -438,6 +439,9 @@ def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
     configs = {m: method_config(raw, m) for m in methods}
     images, labels = fixed_batch(args.batch, args.img_size, device)
     check_memory({m: estimate_memory(METHODS[m][0], configs[m], device) for m in methods}, args.batch, device)
+    dtype = Precision.create(args.precision, device).dtype
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    tolerance = COMPILE_TOLERANCE[precision]
 
     results: dict[str, Any] = {}
     for m in methods:
@@ -467,11 +471,11 @@ def run_compile_bench(args: argparse.Namespace) -> dict[str, Any]:
                       # the first steps less what they would have cost once compiled
                       "compile_seconds": first_steps - COMPILE_CHECK_STEPS * compiled_s,
                       "eager_losses": eager_losses, "compiled_losses": compiled_losses,
-                      "largest_loss_difference": difference, "losses_match": difference <= COMPILE_TOLERANCE}
+                      "largest_loss_difference": difference, "losses_match": difference <= tolerance}
     speedup = results[REFERENCE]["speedup"]
     return {"arguments": {k: v for k, v in vars(args).items() if k != "handler"}, "machine": _machine(device),
             "config": configs[REFERENCE].model_dump(mode="json"), "methods": results,
-            "tolerance": COMPILE_TOLERANCE,
+            "precision": precision, "tolerance": tolerance,
             "target": {"mimir_speedup": speedup, "target": COMPILE_TARGET, "met": speedup >= COMPILE_TARGET}}
 
 
@@ -488,7 +492,7 @@ def format_compile_table(report: dict[str, Any]) -> str:
                      f"{'yes' if row['losses_match'] else 'NO':>5}")
     t = report["target"]
     lines.append(f"losses of {COMPILE_CHECK_STEPS} seeded steps from the same initialization, eager vs compiled, "
-                 f"must agree to {report['tolerance']:g}")
+                 f"must agree to {report['tolerance']:g} in {report['precision']}")
     lines.append(f"target MIMIR compiled speed-up >= {t['target']}: {t['mimir_speedup']:.3f} "
                  f"{'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
@@ -517,14 +521,16 @@ class _Reports:
         return self.rows
 
 
-class _ForwardReports(ray.train.UserCallback):
-    """Runs in the Ray Train controller: forwards rank 0's report of each epoch to the collector."""
+def _forward_reports(sink: Any) -> Any:
+    """A Ray Train callback, run in the controller, that forwards rank 0's report of each epoch to the
+    collector (made here so that the step benches import no Ray: a GPU box may time steps without it)."""
+    import ray.train
 
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
+    class ForwardReports(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            sink.add.remote(dict(metrics[0]))
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.sink.add.remote(dict(metrics[0]))
+    return ForwardReports()
 
 
 def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> list[float]:
@@ -558,6 +564,8 @@ def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: t
     bare loop; per-epoch seconds of both after the first epoch, and their ratio."""
     from mimir.data.format import read_split_arrays
     from mimir.data.pipeline import resolve_dataset
+    import ray
+
     from mimir.runner import init_ray, run_pretrain
 
     if epochs < 2:
@@ -575,7 +583,7 @@ def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: t
     sink = ray.remote(num_cpus=0)(_Reports).remote()
     with tempfile.TemporaryDirectory(prefix="mimir-bench-") as storage:
         started = time.perf_counter()
-        run_pretrain(cfg, storage=storage, name="bench_pretrain", callbacks=[_ForwardReports(sink)])
+        run_pretrain(cfg, storage=storage, name="bench_pretrain", callbacks=[_forward_reports(sink)])
         ray_wall = time.perf_counter() - started
     reports = sorted(ray.get(sink.get.remote()), key=lambda row: row["epoch"])
     ray_epochs = [row["seconds"] for row in reports]
