@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 HISTORY = "metrics.jsonl"
 TABLE = "metrics.csv"
 EVENTS_PREFIX = "events.out.tfevents."
-TIMING_KEYS = ("seconds", "images_per_second", "probe_seconds", "validation_seconds")
+TIMING_KEYS = ("seconds", "images_per_second", "data_seconds", "probe_seconds", "validation_seconds")
 UNPLOTTED = ("epoch", "checkpoint_score")  # the step itself; a selection score (-inf between validations)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-EPOCHS, CHECKPOINT_EVERY, KILL_AFTER_EPOCHS = 6, 2, 3
+EPOCHS, CHECKPOINT_EVERY, KILL_AFTER_EPOCHS = 4, 2, 3
 WORKER_NODE = {"num_cpus": 2, "resources": {"rehearsal_worker": 1}}
 
 

@@ -27,9 +27,11 @@ from test_metrics import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-TIMINGS = {"seconds", "images_per_second", "validation_seconds", "probe_seconds"}
+TIMINGS = {"seconds", "images_per_second", "data_seconds", "validation_seconds", "probe_seconds"}
 RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")
 SHARED_RAY_WORKERS = re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")
+# Ray core's GCS, when an actor it is told to kill has already exited (a worker group's teardown)
+GCS_KILL_RACE = re.compile(r"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: .*KillActor RPC failed")
 MIMIR_LINE = re.compile(r"^(\[(pretrain|finetune|evaluate|sweep)\] |\| |\|---|\(\d+ test images|time: |results: )")
 
 
@@ -61,12 +63,15 @@ def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:
 
 
 def _foreign_lines(console: str) -> list[str]:
-    """Console lines that are not mimir's own (Ray's "(Actor pid=N)" prefix removed). One Ray core
-    warning is let through: the Ray these tests share has started, over many tests, more worker
+    """Console lines that are not mimir's own (Ray's "(Actor pid=N)" prefix removed). Two Ray core
+    lines are let through: the Ray these tests share has started, over many tests, more worker
     processes than 4x this machine's cores, which Ray's raylet reports with no way to silence it
-    (ray-project/ray#63800); a single run on a fresh Ray stays below it."""
+    (ray-project/ray#63800; a single run on a fresh Ray stays below it); and the GCS's error when an
+    actor it kills has already gone, a race of Ray's teardown that its log streaming shows to
+    whichever driver is connected (seen once in a full suite run, from an earlier test's actors)."""
     lines = [RAY_PREFIX.sub("", line) for line in console.splitlines() if line.strip()]
-    return [line for line in lines if not MIMIR_LINE.match(line) and not SHARED_RAY_WORKERS.search(line)]
+    return [line for line in lines if not MIMIR_LINE.match(line) and not SHARED_RAY_WORKERS.search(line)
+            and not GCS_KILL_RACE.search(line)]
 
 
 def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_resume(
@@ -89,6 +94,9 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     pretrain_metrics = results["pretrain"]["metrics"]
     assert pretrain_metrics["mi_share"] > 1e-5 and pretrain_metrics["probe_seconds"] > 0
     assert pretrain_metrics["mi_term"] == pytest.approx(1e-5 * pretrain_metrics["mi"], rel=1e-6)
+    # how long each epoch waited for its batches (Ray Data's per-epoch start-up included): part of it
+    for stage in ("pretrain", "finetune"):
+        assert all(0 < e["data_seconds"] < e["seconds"] for e in read_history(str(out / stage))), stage
     finetune_epochs = _history(out, "finetune")
     assert [e["epoch"] for e in finetune_epochs] == [0, 1] and len(_history(out, "pretrain")) == 2
     assert results["validation"]["images"] == 40 == len(results["validation"]["indices"])

@@ -124,3 +124,22 @@ def test_scaling_deterministic_switches_torchs_deterministic_algorithms(monkeypa
     finally:
         use_deterministic_algorithms(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_an_epochs_data_wait_counts_the_time_spent_getting_batches_not_the_steps():
+    import time
+
+    from mimir.train.loops import _TimedBatches
+
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)  # the data side: counted
+            yield {"image": torch.full((1,), i)}
+
+    batches = _TimedBatches(slow_batches())
+    seen = []
+    for batch in batches:
+        seen.append(int(batch["image"]))
+        time.sleep(0.2)  # the step: not counted
+    assert seen == [0, 1, 2]
+    assert 0.15 <= batches.seconds < 0.15 + 0.6  # three waits, and none of the 0.6 s of steps

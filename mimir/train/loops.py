@@ -12,7 +12,7 @@ import functools
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray.train
@@ -85,6 +85,26 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
     return ray.train.torch.get_device()
 
 
+class _TimedBatches:
+    """An epoch's batch iterator that adds up how long the loop waited for each batch (``seconds``):
+    the epoch's start-up (Ray Data executing the epoch's pipeline) and every batch that was not ready
+    when the step before it ended. On CUDA a step returns before its kernels finish, so a wait there
+    overlaps the GPU's work; a wait is only lost time when the GPU then idles too."""
+
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+        self.batches, self.seconds = iter(batches), 0.0
+
+    def __iter__(self) -> "_TimedBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int, run_folder: str,
                   step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
@@ -120,8 +140,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         sums: Metrics = {}
         epoch_values: Metrics = {}
         steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
-        batches = epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed, epoch=epoch,
-                                rank=rank, device=device)
+        batches = _TimedBatches(epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed, epoch=epoch,
+                                                       rank=rank, device=device))
         if rank == 0:
             progress = Progress(f"[{stage}] epoch {epoch + 1}/{optim_cfg.epochs}", steps_per_epoch, "steps",
                                 cfg.log.progress_percent, cfg.log.progress_after_seconds,
@@ -147,6 +167,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             raise RuntimeError(f"[{stage}] worker {rank} got no full batch of {local_batch} images; "
                                "lower the batch size or use fewer workers")
         elapsed = time.perf_counter() - started
+        epoch_values["data_seconds"] = torch.tensor(batches.seconds)  # averaged over the workers
         report = _mean_across_workers(sums, steps, epoch_values, device)
         report.update(epoch=epoch, lr=lr, seconds=elapsed, images_per_second=images_seen * world / elapsed)
         if probe is not None:
