@@ -198,9 +198,15 @@ def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
 
 
 def resume_epoch(storage: str, name: str) -> int:
-    """The epoch a stage's run continues from: after its newest checkpoint, or 0."""
-    state = _latest_checkpoint_state(storage, name)
-    return 0 if state is None else state["epoch"] + 1
+    """The epoch a stage's run continues from: after the newest checkpoint Ray Train registered, the
+    one it restores, or 0. Not the newest checkpoint folder: a run killed between writing a checkpoint
+    and Ray Train registering it leaves a folder that Ray Train ignores, starting that epoch over, and
+    the data must start over with it (else that epoch trains on the next epoch's augmentations)."""
+    try:
+        result = ray.train.Result.from_path(_join(storage, name))
+    except RuntimeError:  # no run folder, or no checkpoint registered in it yet
+        return 0
+    return 0 if result.checkpoint is None else int(result.metrics["epoch"]) + 1
 
 
 def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],

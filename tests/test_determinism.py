@@ -45,10 +45,10 @@ def _history(out: Path, stage: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_history(str(out / stage))]
 
 
-def _kill_after_first_finetune_checkpoint(args: list[str], out: Path) -> None:
-    """`mimir run` in a process of its own (its own local Ray), killed hard once fine-tuning has
-    written the checkpoint of its first epoch."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _kill_after_first_finetune_checkpoint(args: list[str], out: Path, ray_address: str) -> None:
+    """`mimir run` in a process of its own, a driver joining this test's Ray as one joins a cluster,
+    killed hard once fine-tuning has written the checkpoint of its first epoch."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", "run", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -128,7 +128,7 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     # the same seed in another folder, killed after its first fine-tuning epoch, then resumed:
     # every epoch of both stages, the best checkpoint and the test accuracies as in the first run
     again = tmp_path / "b"
-    _kill_after_first_finetune_checkpoint(_args(again, data_root), again)
+    _kill_after_first_finetune_checkpoint(_args(again, data_root), again, ray_local.get_runtime_context().gcs_address)
     assert runner.read_stage_record(str(again), "finetune") is None  # it really was cut short
     assert cli.main(["run", *_args(again, data_root), "--resume"]) == 0
     resumed = json.loads((again / "results.json").read_text())

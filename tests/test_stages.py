@@ -3,6 +3,7 @@ other config stops before Ray starts, names what changed, and leaves the folder 
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -112,9 +113,10 @@ def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path,
     assert "loss nan" in failed["reason"] and failed["config"]["output_dir"] == str(out)
 
 
-def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path):
+def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path, monkeypatch):
     """Ray Train calls the dataset factory at every worker-group start: the first start gets the
-    dataset built up front, a restart one rebuilt at the epoch after the newest checkpoint."""
+    dataset built up front, a restart one rebuilt at the epoch after the newest checkpoint that Ray
+    Train registered (the one it restores)."""
     built = []
 
     def datasets(start_epoch):
@@ -122,12 +124,28 @@ def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path
         return {"train": f"data from epoch {start_epoch}"}
 
     factory = runner._restart_aware(datasets, str(tmp_path), "finetune", "train", "first")
-    assert factory() == "first" and built == []  # nothing on disk yet
-    for name, epoch in (("checkpoint_2026-01-01_00-00-01", 2), ("checkpoint_2026-01-01_00-00-02", 4)):
-        (tmp_path / "finetune" / name).mkdir(parents=True)
-        (tmp_path / "finetune" / name / "state.json").write_text(json.dumps({"epoch": epoch}))
+    assert factory() == "first" and built == []
+    registered = {}  # run folder -> the epoch of its newest registered checkpoint
+
+    def from_path(path):
+        if path not in registered:
+            raise RuntimeError(f"Experiment folder {path} doesn't exist.")
+        return SimpleNamespace(checkpoint=object(), metrics={"epoch": registered[path]})
+
+    monkeypatch.setattr(runner.ray.train.Result, "from_path", from_path)
+    registered[str(tmp_path / "finetune")] = 4
     assert factory() == "data from epoch 5" and built == [5]
     assert runner.resume_epoch(str(tmp_path), "pretrain") == 0
+
+
+def test_a_checkpoint_folder_ray_train_never_registered_does_not_move_the_data_epoch(tmp_path):
+    """A driver killed right after a worker wrote checkpoint files, before Ray Train registered
+    them: Ray Train restarts from scratch there, and so must the data (seen with a killed driver
+    that had joined a running cluster)."""
+    folder = tmp_path / "finetune" / "checkpoint_2026-01-01_00-00-01"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"epoch": 0}))
+    assert runner.resume_epoch(str(tmp_path), "finetune") == 0
 
 
 def test_pretrain_leases_exclude_and_lapse(monkeypatch):
