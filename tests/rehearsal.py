@@ -3,7 +3,8 @@ a Ray cluster of a head and two worker nodes on loopback (``ray.cluster_utils.Cl
 worker node offering one ``rehearsal_worker`` resource, so the two training workers, which ask for
 one each, land on different nodes. A 2-worker pre-training writes its checkpoints to a storage path
 all nodes share; after three epochs one worker node is killed outright, and a fresh node joins as
-an autoscaler would bring one. Prints what happened as JSON on its last line.
+an autoscaler would bring one. Prints what happened as JSON on its last line. (It is also the suite's
+2-worker DDP run on CPU.)
 
     python tests/rehearsal.py CONFIG DATA_ROOT OUT
 """
@@ -42,7 +43,9 @@ def main(config: str, data_root: str, out: str) -> None:
         f"output_dir={out}", f"data.root={data_root}", f"scaling.storage_path={storage}",
         "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
         "scaling.resources_per_worker={rehearsal_worker: 1}", "scaling.max_failures=1",
-        f"pretrain.epochs={EPOCHS}", "pretrain.warmup_epochs=0", f"pretrain.checkpoint_every={CHECKPOINT_EVERY}"])
+        f"pretrain.epochs={EPOCHS}", "pretrain.warmup_epochs=0", f"pretrain.checkpoint_every={CHECKPOINT_EVERY}",
+        # Eq. 29 HSIC at the paper's lambda: the 2-worker run measures that its penalty does nothing
+        "pretrain.mi.estimator=hsic"])
     happened: dict = {}
     init_ray()  # here: Ray's signal handlers need the main thread, which kills and adds the nodes
     outcome: dict = {}
@@ -58,9 +61,13 @@ def main(config: str, data_root: str, out: str) -> None:
     happened["replacement_joined"] = True
     training.join()
     results = outcome["results"]
-    happened["epochs_in_history"] = [r["epoch"] for r in map(json.loads, (storage / "pretrain" / "metrics.jsonl")
-                                                             .read_text().splitlines())]
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    happened["epochs_in_history"] = [r["epoch"] for r in rows]
+    happened["first_mi_share"] = rows[0]["mi_share"]
     happened["final_epoch"] = results["pretrain"]["metrics"]["epoch"]
+    record = json.loads((storage / "pretrain" / "mimir_stage.json").read_text())
+    state = json.loads((storage / record["checkpoint"] / "state.json").read_text())
+    happened["checkpoint_num_workers"] = state["config"]["scaling"]["num_workers"]
     happened["checkpoint_every"] = CHECKPOINT_EVERY
     print(json.dumps(happened), flush=True)
     ray.shutdown()

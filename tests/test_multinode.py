@@ -1,5 +1,5 @@
-"""A multi-node rehearsal on one machine (tests/rehearsal.py): 2 training workers on two Ray nodes,
-one node killed mid-run, the run finishing from its last checkpoint."""
+"""A multi-node rehearsal on one machine (tests/rehearsal.py): 2 training workers (DDP) on two Ray
+nodes, one node killed mid-run, the run finishing from its last checkpoint."""
 
 import json
 import os
@@ -23,6 +23,9 @@ def test_a_killed_worker_node_costs_at_most_checkpoint_every_epochs(data_root, t
     assert run.returncode == 0, output[-4000:]
     happened = json.loads(run.stdout.strip().splitlines()[-1])
     assert happened["replacement_joined"] and happened["final_epoch"] == 3
+    # DDP across the two nodes: the checkpoint records both workers, and the first epoch's probe
+    # (averaged over them) finds Eq. 29 HSIC at lambda = 1e-5 without effect on the encoder
+    assert happened["checkpoint_num_workers"] == 2 and 0 < happened["first_mi_share"] < 1e-6
     # every epoch once in the history; the restart began at the last checkpoint before the kill
     assert happened["epochs_in_history"] == list(range(4))
     resumed = [int(m) for m in re.findall(r"\[pretrain\] resuming from epoch (\d+)", output)]
