@@ -562,10 +562,10 @@ def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> 
 def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: torch.device) -> dict[str, Any]:
     """MIMIR pre-training on the bundled digits through ``run_pretrain`` (1 worker, Ray Data) and as a
     bare loop; per-epoch seconds of both after the first epoch, and their ratio."""
-    from mimir.data.format import read_split_arrays
-    from mimir.data.pipeline import resolve_dataset
     import ray
 
+    from mimir.data.format import read_split_arrays
+    from mimir.data.pipeline import resolve_dataset
     from mimir.runner import init_ray, run_pretrain
 
     if epochs < 2:

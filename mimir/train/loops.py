@@ -140,8 +140,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         sums: Metrics = {}
         epoch_values: Metrics = {}
         steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
-        batches = _TimedBatches(epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed, epoch=epoch,
-                                                       rank=rank, device=device))
+        batches = _TimedBatches(epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed,
+                                              epoch=epoch, rank=rank, device=device))
         if rank == 0:
             progress = Progress(f"[{stage}] epoch {epoch + 1}/{optim_cfg.epochs}", steps_per_epoch, "steps",
                                 cfg.log.progress_percent, cfg.log.progress_after_seconds,
