@@ -48,8 +48,17 @@ class DataConfig(Strict):
     img_size: int = Field(16, gt=0)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (pre-training, Table 12)
+    # fine-tuning's crop: "padded" (RandomCrop of the image zero-padded by crop_padding pixels, the
+    # authors' CIFAR-10 / Tiny-ImageNet scripts) or "resized" (RandomResizedCrop at crop_scale, Table 13
+    # and the authors' ImageNet-1K code). The paper says both; its authors' code decides (fidelity table)
+    finetune_crop: Literal["padded", "resized"] = "padded"
+    crop_padding: int = Field(4, ge=0)
     hflip: bool = True
+    # test and validation images: resized (bicubic) so the shorter side is img_size / eval_crop_pct,
+    # then centre-cropped to img_size (the authors' util/loader.py, 224 / 256 for every dataset);
+    # 1.0: resized to img_size only where the stored size differs
+    eval_crop_pct: float = Field(0.875, gt=0.0, le=1.0)
     augment: Literal["weak", "mix", "randaug"] = "weak"  # fine-tuning: weak, +MixUp/CutMix, +RandAugment
     mixup_alpha: float = Field(0.8, ge=0.0)
     cutmix_alpha: float = Field(1.0, ge=0.0)

@@ -45,7 +45,7 @@ def first_batch(cfg: RunConfig) -> torch.Tensor:
         if len(rows["image"]) == size:
             break
     batch = eval_transform({"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])},
-                           manifest, cfg.data.img_size)
+                           manifest, cfg.data.img_size, cfg.data.eval_crop_pct)
     return torch.from_numpy(batch["image"]).float().div_(255)
 
 

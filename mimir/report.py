@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
             match = _find(trials, identity, values)
             failure = None if match else _find(list(failures), identity, values)
             ours = _ours(match)
-            for field in ("ours", "std"):
+            for field in ("ours", "std", "per_seed"):
                 entry[field].update({prefix + m: v for m, v in ours[field].items()})
             entry["n"] = max(entry["n"], ours["n"])
             entry["retried"] = entry["retried"] or ours["retried"]
@@ -120,26 +121,81 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
         out.append({"label": ", ".join(f"{k}={v}" for k, v in point.items()), **_ours(match), "paper": {},
                     "set": point, "failed": failure["reason"] if failure else None, "quoted": None, "trials": 1,
                     "done": int(match is not None)})
+    add_paired_differences(spec, out)
     return out
 
 
 def _ours(trial: dict[str, Any] | None) -> dict[str, Any]:
     """A trial's values for its table row: accuracies (the mean over seeds), their standard
-    deviations and seed count, and whether a run was retried at lr / 10."""
+    deviations, each seed's own values and the seed count, and whether a run was retried at lr / 10."""
     if trial is None:
-        return {"ours": {}, "std": {}, "n": 0, "retried": False}
-    return {"ours": dict(trial["accuracy"]), "std": dict(trial.get("accuracy_std", {})),
+        return {"ours": {}, "std": {}, "per_seed": {}, "n": 0, "retried": False}
+    runs = trial.get("runs", [])
+    per_seed = {m: {r["config"]["seed"]: r["accuracy"][m] for r in runs if m in r["accuracy"]}
+                for m in trial["accuracy"]}
+    return {"ours": dict(trial["accuracy"]), "std": dict(trial.get("accuracy_std", {})), "per_seed": per_seed,
             "n": trial.get("num_seeds", 1), "retried": bool(trial.get("retried"))}
+
+
+def t_quantile(probability: float, dof: int) -> float:
+    """Student's t quantile (scipy, imported only when a table has a reference row)."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, dof))
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float],
+                      confidence: float = 0.95) -> dict[str, Any] | None:
+    """The mean of the per-seed differences ``values[s] - reference[s]`` over the seeds both have,
+    with its two-sided confidence interval from Student's t over the pairs; None for fewer than two
+    pairs. ``resolved``: the interval excludes 0."""
+    seeds = sorted(set(values) & set(reference))
+    if len(seeds) < 2:
+        return None
+    diffs = [values[s] - reference[s] for s in seeds]
+    mean = statistics.mean(diffs)
+    half = t_quantile(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    return {"mean": mean, "low": low, "high": high, "pairs": len(seeds), "resolved": low > 0 or high < 0}
+
+
+def add_paired_differences(spec: SweepSpec, rows: list[dict[str, Any]]) -> None:
+    """Each row's ``paired``: per column, its :func:`paired_difference` to the spec's reference row."""
+    if spec.reference is None:
+        return
+    reference = next(r for r in rows if r["label"] == spec.reference)
+    for row in rows:
+        row["paired"] = {} if row is reference or row["quoted"] else {
+            c: paired_difference(row["per_seed"].get(c, {}), reference["per_seed"].get(c, {}))
+            for c, _ in table_columns(spec)}
 
 
 def _fmt(value: float | None) -> str:
     return MISSING if value is None else f"{value:.2f}"
 
 
+def _paired_cells(row: dict[str, Any], column: str, split: bool) -> list[str]:
+    """The paired difference to the reference row: one cell ``+2.00 [+0.48, +3.52] *`` (``*``: the
+    interval excludes 0), or for CSV four (difference, low, high, resolved)."""
+    if "paired" not in row:
+        return []
+    if row["quoted"]:
+        return [""] * (4 if split else 1)
+    if not row["paired"]:
+        return ["reference", "", "", ""] if split else ["reference"]
+    d = row["paired"].get(column)
+    if d is None:
+        return [MISSING, "", "", ""] if split else [MISSING]
+    if split:
+        return [f"{d['mean']:+.2f}", f"{d['low']:+.2f}", f"{d['high']:+.2f}", "yes" if d["resolved"] else "no"]
+    return [f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" + (" *" if d["resolved"] else "")]
+
+
 def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, split_std: bool = False) -> list[str]:
     """Per column: ours (mean ± std over seeds; std in a cell of its own for CSV), the paper's
-    value and the difference of the mean; then the seed count when the spec runs several. A row
-    quoted from another paper has no ours and no difference."""
+    value and the difference of the mean, and with a reference row the paired difference to it;
+    then the seed count when the spec runs several. A row quoted from another paper has no ours
+    and no difference."""
     cells = []
     for c, _ in columns:
         ours, paper, std = row["ours"].get(c), row["paper"].get(c), row["std"].get(c)
@@ -151,15 +207,18 @@ def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, spli
             cells += [shown, "" if row["quoted"] else _fmt(std)]
         else:
             cells.append(f"{shown} ± {std:.2f}" if seeds > 1 and ours is not None and std is not None else shown)
-        cells += [_fmt(paper), diff]
+        cells += [_fmt(paper), diff, *_paired_cells(row, c, split_std)]
     return cells + ([str(row["n"]) if not row["quoted"] else ""] if seeds > 1 else [])
 
 
-def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False) -> list[str]:
+def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False, paired: bool = False) -> list[str]:
     header = []
     for _, title in columns:
         header += [f"{title} ours", f"{title} std"] if seeds > 1 and split_std else [f"{title} ours"]
         header += [f"{title} paper", "Δ"]
+        if paired:
+            header += ([f"{title} Δ ref", f"{title} Δ ref low", f"{title} Δ ref high", f"{title} resolved"]
+                       if split_std else [f"{title} Δ ref (95 % CI)"])
     return header + (["seeds"] if seeds > 1 else [])
 
 
@@ -173,7 +232,7 @@ def _label_cells(spec: SweepSpec, row: dict[str, Any]) -> list[str]:
 
 def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     columns = table_columns(spec)
-    header = [*(spec.label_columns or ["Row"]), *_header(columns, spec.seeds)]
+    header = [*(spec.label_columns or ["Row"]), *_header(columns, spec.seeds, paired=spec.reference is not None)]
     lines = [f"**{spec.title or spec.name}**", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in rows:
@@ -186,6 +245,10 @@ def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     spread = (f" ours = mean ± sample standard deviation over {spec.seeds} seeds, Δ = mean - paper."
               if spec.seeds > 1 else " Δ = ours - paper.")
     lines += ["", f"{summary}; accuracy in %;{spread}"]
+    if spec.reference is not None:
+        lines.append(f"Δ ref = the mean of the per-seed differences to the row {spec.reference!r}, with its 95 % "
+                     "confidence interval (Student's t over the seed pairs); * marks a difference whose interval "
+                     "excludes 0, i.e. larger than the seed spread.")
     quoted = list(dict.fromkeys(r["quoted"] for r in rows if r["quoted"]))
     if quoted:
         lines.append(f"Rows without ours are the paper's quotes of other work, not run here: {'; '.join(quoted)}.")
@@ -196,12 +259,12 @@ def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
 def latex_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     columns = table_columns(spec)
     labels = spec.label_columns or ["Row"]
-    header = [*labels, *_header(columns, spec.seeds)]
+    header = [*labels, *_header(columns, spec.seeds, paired=spec.reference is not None)]
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$")
     lines = [r"\begin{tabular}{" + "l" * len(labels) + "r" * (len(header) - len(labels)) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join([*(esc(c) for c in _label_cells(spec, r)), *_cells(r, columns, spec.seeds)])
-              .replace(MISSING, "--").replace("±", r"$\pm$") + r" \\" for r in rows]
+              .replace(MISSING, "--").replace("±", r"$\pm$").replace(" *", r"$^\ast$") + r" \\" for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -241,7 +304,8 @@ def write_reports(spec: SweepSpec, experiment: Path) -> str:
     columns = table_columns(spec)
     with open(experiment / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*(spec.label_columns or ["row"]), *_header(columns, spec.seeds, split_std=True)])
+        writer.writerow([*(spec.label_columns or ["row"]),
+                         *_header(columns, spec.seeds, split_std=True, paired=spec.reference is not None)])
         writer.writerows([*_label_cells(spec, r), *_cells(r, columns, spec.seeds, split_std=True)] for r in rows)
     plot(spec, rows, experiment / "figure.png")
     return markdown

@@ -144,6 +144,9 @@ class SweepSpec(Strict):
     groups: list[Group] = []  # column groups: each row runs once per group (Table 3's two ε)
     label_columns: list[str] = []  # the table's label columns; each row label gives one part per column
     surface: SurfaceSettings | None = None  # also each trial's loss surface, and surface.png (Figure 5)
+    # a row label: with seeds > 1 the table adds each row's paired per-seed difference to this row,
+    # with a 95 % confidence interval (Student's t over the seed pairs)
+    reference: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
@@ -171,6 +174,13 @@ class SweepSpec(Strict):
                                  f"{len(self.label_columns)} parts joined by {LABEL_SEPARATOR!r}: not {bad}")
         if self.seeds > 1 and any(r.evaluates for r in self.rows):
             raise ValueError("evaluation-only rows evaluate one trained model each: seeds must be 1")
+        if self.reference is not None:
+            runs = [r.label for r in self.rows if r.quoted is None]
+            if self.reference not in runs:
+                raise ValueError(f"reference {self.reference!r} is not the label of a row that runs ({runs})")
+            if self.seeds < 2:
+                raise ValueError("reference needs seeds >= 2: a paired difference's confidence interval "
+                                 "comes from the spread over seed pairs")
         return self
 
     def _check_paper_numbers(self) -> None:

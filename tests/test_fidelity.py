@@ -312,3 +312,90 @@ def test_pgd_mi_uses_the_authors_penalty_even_for_lambda_zero_pretraining(tiny_c
     z = torch.randn(4, 32)
     assert penalty.weight == 1e-5 and not penalty.on_clean
     assert penalty.mi(x, x, z).item() == pytest.approx(hsic_cca(x, z).item())
+
+
+# -- fine-tuning crop and evaluation transform (the paper contradicts itself; the authors' code decides)
+def _digits_batch(n=16):
+    import numpy as np
+    from mimir.data.sources.digits import digits_arrays
+
+    images, labels = digits_arrays()["train"]
+    return {"image": np.array([im.tobytes() for im in images[:n]], dtype=object), "label": labels[:n],
+            "index": np.arange(n)}, images[:n]
+
+
+DIGITS_MANIFEST = {"encoding": "raw", "image_shape": [16, 16, 3]}
+
+
+def test_the_padded_crop_only_shifts_the_image_the_resized_crop_rescales_it():
+    """``finetune_crop: padded`` is the authors' RandomCrop(size, padding): every output is the
+    zero-padded image at some offset within the padding; RandomResizedCrop rescales instead."""
+    import numpy as np
+    from mimir.config import DataConfig
+    from mimir.data.pipeline import train_transform
+
+    batch, originals = _digits_batch()
+    data = DataConfig(img_size=16, hflip=False, crop_padding=2, crop_scale=(0.35, 1.0))
+    padded = train_transform(batch, DIGITS_MANIFEST, data, False, seed=0, crop="padded")["image"]
+    resized = train_transform(batch, DIGITS_MANIFEST, data, False, seed=0, crop="resized")["image"]
+
+    def is_shift(out, original):
+        canvas = np.pad(original.transpose(2, 0, 1), ((0, 0), (2, 2), (2, 2)))
+        return any(np.array_equal(out, canvas[:, dy:dy + 16, dx:dx + 16]) for dy in range(5) for dx in range(5))
+
+    assert all(is_shift(out, im) for out, im in zip(padded, originals))
+    assert sum(is_shift(out, im) for out, im in zip(padded, originals)
+               if not np.array_equal(out, im.transpose(2, 0, 1))) > 8  # most are really moved
+    assert sum(is_shift(out, im) for out, im in zip(resized, originals)) < 4
+
+
+def test_finetuning_crops_as_configured_pretraining_always_resizes(monkeypatch, tmp_path):
+    """The padded crop is the default for fine-tuning (the authors' CIFAR-10 / Tiny-ImageNet scripts),
+    the ImageNet-1K presets pick RandomResizedCrop; pre-training keeps RandomResizedCrop (Table 12)."""
+    from mimir.config import DataConfig
+    from mimir.data import pipeline
+
+    assert DataConfig().finetune_crop == "padded" and DataConfig().crop_padding == 4
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(configs / "imagenet_vit_b_eps4.yaml").data.finetune_crop == "resized"
+    assert load_config(configs / "cifar10_vit_t.yaml").data.finetune_crop == "padded"
+    assert load_config(configs / "cifar10_vit_t.yaml").finetune.blr == 0.05  # the text, Table 1, the script
+
+    crops = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def map_batches(self, fn, **kwargs):
+            crops.append(kwargs.get("fn_kwargs", {}).get("crop"))
+            return self
+
+        def randomize_block_order(self, **kwargs):
+            return self
+
+        context = type("Context", (), {"execution_options": type("Options", (), {})()})()
+
+    monkeypatch.setattr(pipeline, "load_manifest", lambda d: {"num_classes": 10})
+    monkeypatch.setattr(pipeline, "read_split", lambda *a, **k: Recorder())
+    for finetune in (False, True):
+        pipeline.train_dataset(tmp_path, DataConfig(finetune_crop="padded"), finetune=finetune)
+    assert crops == ["resized", "padded"]
+
+
+def test_the_eval_transform_resizes_by_the_crop_pct_then_centre_crops():
+    """The authors' loader: resize (bicubic) to int(size / 0.875), centre-crop to size: a 16-pixel
+    digit becomes an 18-pixel one cut back to 16, i.e. zoomed by 18/16; at 1.0 it is left as stored."""
+    import numpy as np
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as TF
+    from mimir.data.pipeline import eval_transform
+
+    batch, originals = _digits_batch(4)
+    plain = eval_transform(batch, DIGITS_MANIFEST, 16, 1.0)["image"]
+    assert np.array_equal(plain, originals.transpose(0, 3, 1, 2))
+    authors = eval_transform(batch, DIGITS_MANIFEST, 16, 0.875)["image"]
+    chw = torch.from_numpy(originals.transpose(0, 3, 1, 2).copy())
+    expected = TF.center_crop(TF.resize(chw, 18, interpolation=T.InterpolationMode.BICUBIC, antialias=True), 16)
+    assert np.array_equal(authors, expected.numpy())
+    assert not np.array_equal(authors, plain)

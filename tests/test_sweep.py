@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from pydantic import ValidationError
 
 from mimir.config import ConfigError
 from mimir.report import markdown_table, table_rows, write_reports
@@ -95,6 +96,47 @@ def test_a_seeded_table_shows_mean_and_spread_per_cell(tmp_path):
     assert csv_lines[0] == "row,Natural ours,Natural std,Natural paper,Δ,PGD-20 ours,PGD-20 std,PGD-20 paper,Δ,seeds"
     assert csv_lines[1] == "MIMIR,77.00,1.00,76.30,+0.70,47.10,0.25,47.60,-0.50,3"
     assert r"77.00 $\pm$ 1.00 & 76.30 & +0.70" in (tmp_path / "table.tex").read_text()
+
+
+def _seeded_trial(index, tmp_path, pgd20_by_seed):
+    runs = [{"config": {"seed": seed}, "accuracy": {"natural": 90.0, "pgd20": value}}
+            for seed, value in pgd20_by_seed.items()]
+    trial = {"config": {}, "row": f"row {index}", "num_seeds": len(runs), "runs": runs,
+             "accuracy": {"natural": 90.0, "pgd20": sum(pgd20_by_seed.values()) / len(runs)}}
+    (tmp_path / "trials" / str(index)).mkdir(parents=True)
+    (tmp_path / "trials" / str(index) / "results.json").write_text(json.dumps(trial))
+
+
+def test_a_reference_row_gives_each_row_its_paired_difference_with_a_t_interval(tmp_path):
+    """Worked by hand: per-seed differences 1, 2, 3 have mean 2 and standard deviation 1; with
+    t(0.975, 2 degrees of freedom) = 4.3027 the 95 % interval is 2 ± 4.3027 / sqrt(3) = [-0.48, +4.48]
+    (contains 0: not resolved). Differences 4, 5, 6: [+2.52, +7.48] (resolved). Pairing matters:
+    row 2's values are spread over 10 points, more than its mean difference, but pair by pair it
+    is always 4-6 above the reference."""
+    spec = SweepSpec.model_validate({
+        "name": "t", "base": "x.yaml", "columns": ["natural", "pgd20"], "seeds": 3, "reference": "row 0",
+        "rows": [{"label": f"row {i}"} for i in range(3)]})
+    _seeded_trial(0, tmp_path, {0: 50.0, 1: 60.0, 2: 55.0})
+    _seeded_trial(1, tmp_path, {0: 51.0, 1: 62.0, 2: 58.0})
+    _seeded_trial(2, tmp_path, {0: 54.0, 1: 65.0, 2: 61.0})
+    markdown = write_reports(spec, tmp_path)
+    assert "| row 0 | 90.00 | — | — | reference | 55.00 | — | — | reference | 3 |" in markdown
+    assert "| row 1 | 90.00 | — | — | +0.00 [+0.00, +0.00] | 57.00 | — | — | +2.00 [-0.48, +4.48] | 3 |" in markdown
+    assert "| row 2 | 90.00 | — | — | +0.00 [+0.00, +0.00] | 60.00 | — | — | +5.00 [+2.52, +7.48] * | 3 |" in markdown
+    assert "Student's t over the seed pairs" in markdown
+    rows = {line.split(",")[0]: line.split(",") for line in (tmp_path / "table.csv").read_text().splitlines()}
+    assert rows["row"][-5:] == ["PGD-20 Δ ref", "PGD-20 Δ ref low", "PGD-20 Δ ref high", "PGD-20 resolved", "seeds"]
+    assert rows["row 1"][-5:] == ["+2.00", "-0.48", "+4.48", "no", "3"]
+    assert rows["row 2"][-5:] == ["+5.00", "+2.52", "+7.48", "yes", "3"]
+    assert r"+5.00 [+2.52, +7.48]$^\ast$" in (tmp_path / "table.tex").read_text()
+
+
+def test_a_reference_must_be_a_row_that_runs_with_several_seeds():
+    base = {"name": "t", "base": "x.yaml", "rows": [{"label": "a"}, {"label": "b"}]}
+    with pytest.raises(ValidationError, match="reference 'c' is not the label of a row that runs"):
+        SweepSpec.model_validate({**base, "seeds": 3, "reference": "c"})
+    with pytest.raises(ValidationError, match="reference needs seeds >= 2"):
+        SweepSpec.model_validate({**base, "reference": "a"})
 
 
 def test_failed_rows_are_marked_with_their_reason(tmp_path):

@@ -60,7 +60,7 @@ def test_training_never_sees_the_holdout_and_validation_sees_only_it(digits):
     manifest, data = load_manifest(digits), DataConfig(img_size=16)
     holdout = holdout_indices(digits, 100, seed=0)
     trained = train_transform(rows, manifest, data, randaugment=False, seed=0, holdout=holdout)
-    validated = _held_out(rows, manifest, 16, holdout)
+    validated = _held_out(rows, manifest, 16, 1.0, holdout)
     assert not np.isin(trained["index"], holdout).any()
     assert len(trained["label"]) + len(validated["label"]) == len(rows["label"])
     assert validated["image"].shape == (100, 3, 16, 16)

@@ -77,14 +77,24 @@ def row_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0])
 
 
+def random_crop(data: DataConfig, crop: str) -> T.Transform:
+    """A training crop to ``data.img_size``: "resized" (RandomResizedCrop over ``data.crop_scale`` of
+    the area) or "padded" (RandomCrop of the image zero-padded by ``data.crop_padding`` pixels)."""
+    if crop == "resized":
+        return T.RandomResizedCrop(data.img_size, scale=data.crop_scale, antialias=True)
+    if crop == "padded":
+        return T.Compose([T.Resize(data.img_size, antialias=True), T.RandomCrop(data.img_size, padding=data.crop_padding)])
+    raise ValueError(f"unknown crop {crop!r}")
+
+
 def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool, seed: int,
-                    holdout: np.ndarray | None = None) -> Batch:
-    """Drop held-out validation rows, then decode + RandomResizedCrop + horizontal flip
-    (+ RandAugment) per image, each image's draws seeded by :func:`row_seed`."""
+                    holdout: np.ndarray | None = None, crop: str = "resized") -> Batch:
+    """Drop held-out validation rows, then decode + the ``crop`` (:func:`random_crop`) + horizontal
+    flip (+ RandAugment) per image, each image's draws seeded by :func:`row_seed`."""
     if holdout is not None and len(holdout):
         keep = ~np.isin(batch["index"], holdout)
         batch = {key: value[keep] for key, value in batch.items()}
-    ops = [T.RandomResizedCrop(data.img_size, scale=data.crop_scale, antialias=True)]
+    ops = [random_crop(data, crop)]
     if data.hflip:
         ops.append(T.RandomHorizontalFlip())
     if randaugment:
@@ -102,13 +112,17 @@ def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, ra
     return {"image": stacked, "label": batch["label"].astype(np.int64), "index": batch["index"]}
 
 
-def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int) -> Batch:
-    """Decode + resize (shorter side) + centre crop to the model's size; deterministic."""
+def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float = 1.0) -> Batch:
+    """Decode, resize the shorter side to ``img_size / crop_pct`` (bicubic, as the authors' loader)
+    and centre-crop to the model's size; deterministic. At ``crop_pct`` 1 an image already at the
+    model's size is left as it is."""
+    resized = int(img_size / crop_pct)
     out = []
     for img in decode(batch["image"], manifest):
         x = _chw(img)
-        if x.shape[-2:] != (img_size, img_size):
-            x = TF.center_crop(TF.resize(x, img_size, antialias=True), img_size)
+        if x.shape[-2:] != (img_size, img_size) or resized != img_size:
+            x = TF.resize(x, resized, interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+            x = TF.center_crop(x, img_size)
         out.append(x)
     stacked = torch.stack(out).numpy() if out else np.zeros((0, 3, img_size, img_size), dtype=np.uint8)
     return {"image": stacked, "label": batch["label"].astype(np.int64)}
@@ -183,7 +197,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
     ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
         manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug", seed=seed,
-        holdout=holdout))
+        holdout=holdout, crop=data.finetune_crop if finetune else "resized"))
     if finetune and data.augment in ("mix", "randaug"):
         ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=dict(
             num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
@@ -245,12 +259,12 @@ def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray)
     manifest = load_manifest(dataset_dir)
     ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
     return ds.map_batches(_held_out, batch_size=256, fn_kwargs=dict(
-        manifest=manifest, img_size=data.img_size, holdout=holdout)).materialize()
+        manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout)).materialize()
 
 
-def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, holdout: np.ndarray) -> Batch:
+def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float, holdout: np.ndarray) -> Batch:
     keep = np.isin(batch["index"], holdout)
-    return eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size)
+    return eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size, crop_pct)
 
 
 def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, epoch: int, rank: int,
@@ -274,7 +288,8 @@ def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = N
     ds.context.execution_options.preserve_order = True
     if num_images is not None:
         ds = ds.limit(num_images)
-    return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size))
+    return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size,
+                                                                         crop_pct=data.eval_crop_pct))
 
 
 def num_train_rows(dataset_dir: Path, data: DataConfig, finetune: bool) -> int:
