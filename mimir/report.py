@@ -86,7 +86,7 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
                         reverse=spec.objective.mode == "max")
         keys = list(spec.space)
         return ([{"label": _label(t["config"], keys), **_ours(t), "paper": {}, "failed": None, "quoted": None,
-                  "trials": 1, "done": 1} for t in ranked]
+                  "trials": 1, "done": 1, "details": detail_values(t, spec.details)} for t in ranked]
                 + [{"label": _label(f["config"], keys), **_ours(None), "paper": {}, "failed": f["reason"],
                     "quoted": None, "trials": 1, "done": 0} for f in failures])
     out = []
@@ -104,6 +104,7 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
             match = _find(trials, identity, values)
             failure = None if match else _find(list(failures), identity, values)
             ours = _ours(match)
+            entry["details"] = entry.get("details") or detail_values(match, spec.details)
             for field in ("ours", "std", "per_seed"):
                 entry[field].update({prefix + m: v for m, v in ours[field].items()})
             entry["n"] = max(entry["n"], ours["n"])
@@ -119,6 +120,7 @@ def table_rows(spec: SweepSpec, trials: list[dict[str, Any]],
         match = next((t for t in trials if _matches(t["config"], point)), None)
         failure = None if match else next((f for f in failures if _matches(f["config"], point)), None)
         out.append({"label": ", ".join(f"{k}={v}" for k, v in point.items()), **_ours(match), "paper": {},
+                    "details": detail_values(match, spec.details),
                     "set": point, "failed": failure["reason"] if failure else None, "quoted": None, "trials": 1,
                     "done": int(match is not None)})
     add_paired_differences(spec, out)
@@ -135,6 +137,19 @@ def _ours(trial: dict[str, Any] | None) -> dict[str, Any]:
                 for m in trial["accuracy"]}
     return {"ours": dict(trial["accuracy"]), "std": dict(trial.get("accuracy_std", {})), "per_seed": per_seed,
             "n": trial.get("num_seeds", 1), "retried": bool(trial.get("retried"))}
+
+
+def detail_values(trial: dict[str, Any] | None, paths: list[str]) -> dict[str, float]:
+    """The mean over a trial's seeds (or its one run) of each dotted ``paths`` value in its results."""
+    if trial is None:
+        return {}
+    runs = trial.get("runs") or [trial]
+    out = {}
+    for path in paths:
+        values = [v for v in (config_value(run, path) for run in runs) if isinstance(v, (int, float))]
+        if values:
+            out[path] = statistics.mean(values)
+    return out
 
 
 def t_quantile(probability: float, dof: int) -> float:
@@ -191,11 +206,12 @@ def _paired_cells(row: dict[str, Any], column: str, split: bool) -> list[str]:
     return [f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" + (" *" if d["resolved"] else "")]
 
 
-def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, split_std: bool = False) -> list[str]:
+def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, split_std: bool = False,
+           details: list[str] = ()) -> list[str]:
     """Per column: ours (mean ± std over seeds; std in a cell of its own for CSV), the paper's
     value and the difference of the mean, and with a reference row the paired difference to it;
-    then the seed count when the spec runs several. A row quoted from another paper has no ours
-    and no difference."""
+    then the spec's details and the seed count when the spec runs several. A row quoted from
+    another paper has no ours and no difference."""
     cells = []
     for c, _ in columns:
         ours, paper, std = row["ours"].get(c), row["paper"].get(c), row["std"].get(c)
@@ -208,10 +224,13 @@ def _cells(row: dict[str, Any], columns: list[tuple[str, str]], seeds: int, spli
         else:
             cells.append(f"{shown} ± {std:.2f}" if seeds > 1 and ours is not None and std is not None else shown)
         cells += [_fmt(paper), diff, *_paired_cells(row, c, split_std)]
+    cells += [f"{row['details'][d]:.2g}" if d in row.get("details", {}) else ("" if row["quoted"] else MISSING)
+              for d in details]
     return cells + ([str(row["n"]) if not row["quoted"] else ""] if seeds > 1 else [])
 
 
-def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False, paired: bool = False) -> list[str]:
+def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False, paired: bool = False,
+            details: list[str] = ()) -> list[str]:
     header = []
     for _, title in columns:
         header += [f"{title} ours", f"{title} std"] if seeds > 1 and split_std else [f"{title} ours"]
@@ -219,7 +238,7 @@ def _header(columns: list[tuple[str, str]], seeds: int, split_std: bool = False,
         if paired:
             header += ([f"{title} Δ ref", f"{title} Δ ref low", f"{title} Δ ref high", f"{title} resolved"]
                        if split_std else [f"{title} Δ ref (95 % CI)"])
-    return header + (["seeds"] if seeds > 1 else [])
+    return header + list(details) + (["seeds"] if seeds > 1 else [])
 
 
 def _label_cells(spec: SweepSpec, row: dict[str, Any]) -> list[str]:
@@ -232,11 +251,12 @@ def _label_cells(spec: SweepSpec, row: dict[str, Any]) -> list[str]:
 
 def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     columns = table_columns(spec)
-    header = [*(spec.label_columns or ["Row"]), *_header(columns, spec.seeds, paired=spec.reference is not None)]
+    header = [*(spec.label_columns or ["Row"]), *_header(columns, spec.seeds, paired=spec.reference is not None,
+                                                                details=spec.details)]
     lines = [f"**{spec.title or spec.name}**", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([*_label_cells(spec, row), *_cells(row, columns, spec.seeds)]) + " |")
+        lines.append("| " + " | ".join([*_label_cells(spec, row), *_cells(row, columns, spec.seeds, details=spec.details)]) + " |")
     runs = [r for r in rows if not r["quoted"]]
     done, total = sum(r["done"] for r in runs), sum(r["trials"] for r in runs)
     failed = [r for r in runs if r["failed"]]
@@ -259,11 +279,12 @@ def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
 def latex_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     columns = table_columns(spec)
     labels = spec.label_columns or ["Row"]
-    header = [*labels, *_header(columns, spec.seeds, paired=spec.reference is not None)]
+    header = [*labels, *_header(columns, spec.seeds, paired=spec.reference is not None,
+                                                                details=spec.details)]
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$")
     lines = [r"\begin{tabular}{" + "l" * len(labels) + "r" * (len(header) - len(labels)) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join([*(esc(c) for c in _label_cells(spec, r)), *_cells(r, columns, spec.seeds)])
+    lines += [" & ".join([*(esc(c) for c in _label_cells(spec, r)), *_cells(r, columns, spec.seeds, details=spec.details)])
               .replace(MISSING, "--").replace("±", r"$\pm$").replace(" *", r"$^\ast$") + r" \\" for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -305,7 +326,8 @@ def write_reports(spec: SweepSpec, experiment: Path) -> str:
     with open(experiment / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*(spec.label_columns or ["row"]),
-                         *_header(columns, spec.seeds, split_std=True, paired=spec.reference is not None)])
-        writer.writerows([*_label_cells(spec, r), *_cells(r, columns, spec.seeds, split_std=True)] for r in rows)
+                         *_header(columns, spec.seeds, split_std=True, paired=spec.reference is not None,
+                                  details=spec.details)])
+        writer.writerows([*_label_cells(spec, r), *_cells(r, columns, spec.seeds, split_std=True, details=spec.details)] for r in rows)
     plot(spec, rows, experiment / "figure.png")
     return markdown

@@ -147,6 +147,9 @@ class SweepSpec(Strict):
     # a row label: with seeds > 1 the table adds each row's paired per-seed difference to this row,
     # with a 95 % confidence interval (Student's t over the seed pairs)
     reference: str | None = None
+    # values from each run's results.json shown beside the accuracies (the mean over seeds), as dotted
+    # paths, e.g. pretrain.metrics.mi_share (the MI term's share of the encoder gradient, last epoch)
+    details: list[str] = []
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":

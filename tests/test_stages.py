@@ -58,7 +58,7 @@ def test_a_changed_finetuning_config_keeps_the_pretraining_and_refuses_the_finet
     changed = _config(out, "finetune.blr=0.01")
     storage = runner.storage_root(changed)
     assert runner.check_stage("pretrain", changed, storage, "pretrain", resume=False)
-    with pytest.raises(runner.StageExistsError, match=r"finetune\.blr: 0\.005 -> 0\.01"):
+    with pytest.raises(runner.StageExistsError, match=r"finetune\.blr: 0\.02 -> 0\.01"):
         runner.check_output(changed, runner.STAGES)
     runner.check_output(changed, runner.STAGES, overwrite=True)  # clears only what no longer fits
     assert runner.read_stage_record(storage, "pretrain") is not None

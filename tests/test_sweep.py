@@ -131,6 +131,20 @@ def test_a_reference_row_gives_each_row_its_paired_difference_with_a_t_interval(
     assert r"+5.00 [+2.52, +7.48]$^\ast$" in (tmp_path / "table.tex").read_text()
 
 
+def test_details_show_a_results_value_averaged_over_the_seeds(tmp_path):
+    spec = SweepSpec.model_validate({"name": "t", "base": "x.yaml", "columns": ["pgd20"], "seeds": 2,
+                                     "details": ["pretrain.metrics.mi_share"], "rows": [{"label": "a"}, {"label": "b"}]})
+    runs = [{"config": {"seed": s}, "accuracy": {"pgd20": 50.0}, "pretrain": {"metrics": {"mi_share": share}}}
+            for s, share in ((0, 1e-3), (1, 3e-3))]
+    (tmp_path / "trials" / "0").mkdir(parents=True)
+    (tmp_path / "trials" / "0" / "results.json").write_text(json.dumps(
+        {"config": {}, "row": "a", "num_seeds": 2, "runs": runs, "accuracy": {"pgd20": 50.0}}))
+    markdown = write_reports(spec, tmp_path)
+    assert markdown.splitlines()[2].endswith("| pretrain.metrics.mi_share | seeds |")
+    assert "| a | 50.00 | — | — | 0.002 | 2 |" in markdown
+    assert "| b | — | — | — | — | 0 |" in markdown
+
+
 def test_a_reference_must_be_a_row_that_runs_with_several_seeds():
     base = {"name": "t", "base": "x.yaml", "rows": [{"label": "a"}, {"label": "b"}]}
     with pytest.raises(ValidationError, match="reference 'c' is not the label of a row that runs"):
