@@ -63,9 +63,9 @@ class RayDataNotices(DropMessages):
 def ray_data_logging_config() -> dict[str, Any]:
     """Ray Data's logging config for the processes Ray starts: its own default (everything to the
     session's ``ray-data.log``), with the console at WARNING and the progress-bar notice dropped."""
-    from ray.data._internal.logging import DEFAULT_CONFIG
+    from mimir.ray_private import ray_data_default_logging
 
-    config = json.loads(json.dumps(DEFAULT_CONFIG))
+    config = ray_data_default_logging()
     config["filters"]["mimir_drop"] = {"()": f"{__name__}.RayDataNotices"}
     console = config["handlers"]["console"]
     console["level"] = "WARNING"

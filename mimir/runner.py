@@ -28,6 +28,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from mimir import ray_private
 from mimir.bench import check_run_memory
 from mimir.config import RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
@@ -88,8 +89,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # A Ray Train run keeps more actors alive than a laptop has CPUs, so Ray would kill every
         # idle worker after 1 s and each epoch's Ray Data tasks would start a fresh process (seconds
         # of importing torch); kept for minutes, the next epoch, stage and trial reuse them
-        ray.init(num_cpus=num_cpus, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS},
-                 **kwargs)
+        ray_private.init_local_ray(IDLE_WORKER_MS, num_cpus=num_cpus, **kwargs)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
 
+from mimir import ray_private
 from mimir.config import DataConfig
 from mimir.data.format import DatasetError, default_data_dir, load_manifest
 from mimir.data.sources.digits import ensure_digits
@@ -66,9 +67,8 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 def data_epoch() -> int:
     """The epoch the calling Ray Data task works for: its dataset's execution counter, which Ray
     Data's own seeded file and block shuffles are keyed on too, and which :func:`train_dataset`
-    starts at the epoch a run (re)starts from. (A private attribute, read by Ray's public seeded
-    operators the same way; ``tests/test_data_order.py`` fails if it stops counting epochs.)"""
-    return ray.data.DataContext.get_current()._execution_idx
+    starts at the epoch a run (re)starts from (:mod:`mimir.ray_private`)."""
+    return ray_private.data_epoch()
 
 
 def row_seed(seed: int, epoch: int, index: int) -> int:
@@ -202,7 +202,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
         ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=dict(
             num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
             seed=seed))
-    ds.context._execution_idx = start_epoch  # see data_epoch
+    ray_private.start_executions_at(ds, start_epoch)  # see data_epoch
     ds.context.execution_options.preserve_order = True
     return ds
 
