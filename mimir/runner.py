@@ -29,13 +29,12 @@ import ray.train.torch
 import torch
 
 from mimir import ray_private
-from mimir.bench import check_run_memory
 from mimir.config import RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
 from mimir.evaluation import evaluate_batches, load_classifier
-from mimir.memory import PrivateMemoryPeak
+from mimir.memory import PrivateMemoryPeak, check_run_memory
 from mimir.metrics import Tracker, check_trackers, filesystem, write_evaluation
 from mimir.data.format import load_manifest
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mimir import bench
+from mimir import bench, memory
 from mimir.cli import build_parser, load_handler
 from mimir.config import ConfigError
 
@@ -58,32 +58,32 @@ def test_bench_always_times_the_reference_methods(tmp_path):
 
 def test_step_memory_is_estimated_from_two_small_steps(tiny_config):
     """The fit predicts a real step 4x beyond its larger probe within its margin."""
-    estimate = bench.estimate_memory("finetune", tiny_config, bench.torch.device("cpu"))
+    estimate = memory.estimate_memory("finetune", tiny_config, bench.torch.device("cpu"))
     assert estimate.per_image_mb > 0 and estimate.state_mb > 0
     images = bench.torch.rand(128, 3, 16, 16)
     labels = bench.torch.randint(0, 10, (128,))
-    step = bench.stage_step("finetune", tiny_config, images, labels, bench.torch.device("cpu"))
+    step = memory.stage_step("finetune", tiny_config, images, labels, bench.torch.device("cpu"))
     step.step()
-    measured = bench._step_memory_mb(step.step, bench.torch.device("cpu"))
-    assert measured / bench.ACTIVATION_MARGIN * 0.8 <= estimate.step_mb(128) <= measured * bench.ACTIVATION_MARGIN * 1.5
+    measured = memory.step_memory_mb(step.step, bench.torch.device("cpu"))
+    assert measured / memory.ACTIVATION_MARGIN * 0.8 <= estimate.step_mb(128) <= measured * memory.ACTIVATION_MARGIN * 1.5
 
 
 def test_a_batch_that_cannot_fit_is_refused_with_one_that_does(monkeypatch):
-    estimates = {"mimir": bench.MemoryEstimate(state_mb=100, base_mb=20, per_image_mb=2.0),
-                 "pgd10_at": bench.MemoryEstimate(state_mb=80, base_mb=10, per_image_mb=8.0)}
-    monkeypatch.setattr(bench, "available_mb", lambda device: 2000.0)
+    estimates = {"mimir": memory.MemoryEstimate(state_mb=100, base_mb=20, per_image_mb=2.0),
+                 "pgd10_at": memory.MemoryEstimate(state_mb=80, base_mb=10, per_image_mb=8.0)}
+    monkeypatch.setattr(memory, "available_mb", lambda device: 2000.0)
     # 0.9 * 2000 = 1800 MB: states 180, so 1620 / 1.25 = 1296 MB for pgd10_at's (10 + 8 b): b <= 160.75
-    assert bench.largest_batch(estimates, 1800.0) == 160
-    bench.check_memory(estimates, 160, bench.torch.device("cpu"))
+    assert memory.largest_batch(estimates, 1800.0) == 160
+    memory.check_memory(estimates, 160, bench.torch.device("cpu"))
     with pytest.raises(ConfigError) as error:
-        bench.check_memory(estimates, 512, bench.torch.device("cpu"))
+        memory.check_memory(estimates, 512, bench.torch.device("cpu"))
     message = str(error.value)
     assert message.startswith("--batch 512 does not fit") and "pgd10_at needs about 5.2 GB" in message
     assert "2.0 GB are available" in message and message.endswith("--batch 160 fits")
 
 
 def test_bench_refuses_before_timing_when_the_batch_cannot_fit(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "available_mb", lambda device: 1.0)  # 1 MB: nothing fits
+    monkeypatch.setattr(memory, "available_mb", lambda device: 1.0)  # 1 MB: nothing fits
     with pytest.raises(ConfigError, match="no batch fits"):
         bench.run_bench(_parse([*TINY, "--methods", "mae"]))
     assert "[bench] round" not in capsys.readouterr().out  # refused before any timing
@@ -94,7 +94,7 @@ def test_mimir_run_refuses_a_batch_that_cannot_fit_before_ray(monkeypatch, tmp_p
     from mimir.config import load_config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(bench, "available_mb", lambda device: 200.0)  # room for a small batch, far from 4096
+    monkeypatch.setattr(memory, "available_mb", lambda device: 200.0)  # room for a small batch, far from 4096
     monkeypatch.setattr(runner, "init_ray", lambda: pytest.fail("Ray must not start"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}", f"data.root={data_root}",
                                                   "scaling.num_workers=2", "pretrain.batch_size=4096"])
