@@ -101,7 +101,8 @@ def sweep(spec: str | Path, *overrides: str, out: str | Path | None = None, stor
     at once instead of the spec's number) and writes its tables; returns the experiment folder, the
     Markdown table and every finished trial's results record."""
     from mimir.report import collect_trials, write_reports
-    from mimir.sweeps import load_spec, run_sweep
+    from mimir.spec import load_spec
+    from mimir.sweeps import run_sweep
 
     experiment = run_sweep(spec, _overrides(overrides, fields), out=str(out) if out else None, storage_url=storage,
                            resume=resume, tiny=tiny, max_concurrent=max_concurrent)

@@ -73,15 +73,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``mimir sweep`` (and ``mimir reproduce`` on each spec): the plan with --plan, else the sweep."""
     if args.plan:
-        from mimir.plan import format_plan, infeasible_message, plan_sweep
+        from mimir.plan import show_plan
 
-        plan = plan_sweep(args.spec, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
-                          cluster=args.cluster, max_concurrent=args.max_concurrent)
-        print(format_plan(plan))
-        if plan.infeasible:
-            print(f"mimir: error: {infeasible_message(plan)}", file=sys.stderr)
-            return 2
-        return 0
+        return show_plan(args.spec, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
+                         cluster=args.cluster, max_concurrent=args.max_concurrent)
     from mimir import api
 
     result = api.sweep(args.spec, *args.overrides, out=args.out, storage=args.storage, resume=args.resume,
@@ -93,7 +88,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     from mimir.report import write_reports
-    from mimir.sweeps import experiment_dir, load_spec
+    from mimir.spec import experiment_dir, load_spec
 
     spec, _ = load_spec(args.spec, tiny=args.tiny)
     experiment = experiment_dir(spec, args.out)

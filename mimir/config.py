@@ -437,6 +437,29 @@ def build_config(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | No
         raise ConfigError(format_errors(err, source or "(in memory)")) from None
 
 
+BUNDLED = Path(__file__).resolve().parent  # the run configs (configs/) and sweep specs (tune/) shipped inside
+
+
+def bundled_names(kind: str) -> list[str]:
+    """The names of the bundled run configs (``kind`` "configs") or sweep specs ("tune")."""
+    return sorted(p.stem for p in (BUNDLED / kind).glob("*.yaml"))
+
+
+def find_file(kind: str, name_or_path: str | Path) -> Path:
+    """A YAML file as given, else the bundled run config or sweep spec of that name (``quickstart``,
+    ``digits_table7``; ``.yaml`` optional), so the commands work from any folder and from an
+    installed package; a ConfigError naming both places otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = BUNDLED / kind / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    what = "config" if kind == "configs" else "sweep spec"
+    raise ConfigError(f"{what} file not found: {name_or_path} (nor a bundled {what} of that name; the bundled "
+                      f"ones: {', '.join(bundled_names(kind))})")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -453,4 +476,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run config in a YAML file, or the bundled one of that name (:func:`find_file`)."""
+    path = find_file("configs", path)
     return build_config(load_yaml(path), overrides, source=str(path))

@@ -22,8 +22,8 @@ import yaml
 
 from mimir.config import ConfigError, RunConfig
 from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs, surface_seconds
-from mimir.sweeps import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
-                          trial_config, trial_identity)
+from mimir.spec import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
+                        trial_config, trial_identity)
 
 Bundle = dict[str, float]  # Ray resources: CPU, GPU, custom
 TRAINING_KEYS = ("seed", "data.", "model.", "pretrain.")  # a sampled key among these changes the pre-training
@@ -361,3 +361,16 @@ def infeasible_message(plan: Plan) -> str:
     return (f"{len(plan.infeasible)} of {len(plan.trials)} trials ask for more than {plan.cluster.source} can ever "
             f"give ({wanted}; its biggest node type {biggest[0]} has {_bundle(biggest[1])}, at most {biggest[2]} "
             "of them): lower the spec's resources (num_workers, gpus_per_worker, cpus_per_worker) or add nodes")
+
+
+def show_plan(spec_path: str | Path, overrides: list[str] = (), **options: Any) -> int:
+    """``mimir sweep SPEC --plan`` (and ``mimir reproduce TABLE --plan``): print the plan; 2 when a trial
+    can never be scheduled (with why, on stderr), else 0. ``options`` are :func:`plan_sweep`'s."""
+    import sys
+
+    plan = plan_sweep(spec_path, overrides, **options)
+    print(format_plan(plan))
+    if plan.infeasible:
+        print(f"mimir: error: {infeasible_message(plan)}", file=sys.stderr)
+        return 2
+    return 0

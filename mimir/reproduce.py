@@ -12,55 +12,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
 
-from mimir.config import ConfigError
-from mimir.sweeps import Resources, SweepSpec
+from mimir.config import BUNDLED, ConfigError
 
-TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
-TINY_SUFFIX = "_tiny"
-# the quickstart's data and a smaller model; one epoch of each stage; a few test images
-TINY: dict[str, Any] = {
-    "data.dataset": "digits", "data.img_size": 16, "data.mean": [0.5, 0.5, 0.5], "data.std": [0.5, 0.5, 0.5],
-    "data.crop_scale": [0.35, 1.0], "data.hflip": False, "data.generated": None,
-    "model.patch_size": 4, "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 4,
-    "model.decoder_dim": 32, "model.decoder_depth": 1, "model.decoder_heads": 4,
-    "pretrain.epochs": 1, "pretrain.warmup_epochs": 0, "pretrain.batch_size": 64, "pretrain.blr": 1.5e-3,
-    "pretrain.checkpoint_every": 1,
-    "finetune.epochs": 1, "finetune.warmup_epochs": 0, "finetune.batch_size": 64, "finetune.blr": 5.0e-3,
-    "finetune.checkpoint_every": 1, "finetune.validation.images": 40, "finetune.validation.attack_steps": 1,
-    "evaluate.num_images": 32, "evaluate.adaptive_steps": 5,
-    "scaling.use_gpu": False, "scaling.max_failures": 0,
-}
-XCIT_TINY_PATCH = 8  # timm's XCiT patch embedding takes 8 or 16
-TINY_SURFACE: dict[str, Any] = {"steps": 5, "num_images": 32, "attack_steps": 2}  # a loss surface in seconds
-
-
-def _row_arch(spec: SweepSpec, base: dict[str, Any], row: Any) -> str:
-    for values in (row.set, spec.overrides):
-        if "model.arch" in values:
-            return values["model.arch"]
-    config = row.base if isinstance(row.base, dict) else base
-    return config.get("model", {}).get("arch", "vit_tiny")
-
-
-def tiny_variant(spec: SweepSpec, base: dict[str, Any]) -> SweepSpec:
-    """The same rows (and groups, columns, paper numbers) on the digits with a small model, one epoch
-    per stage, one CPU worker per trial; evaluation-only rows evaluate the tiny variant of their source."""
-    rows = []
-    for row in spec.rows:
-        update: dict[str, Any] = {}
-        if row.quoted is None and _row_arch(spec, base, row).startswith("xcit"):
-            update["set"] = {**row.set, "model.patch_size": XCIT_TINY_PATCH}
-        if row.evaluates is not None:
-            update["evaluates"] = row.evaluates.model_copy(update={"name": row.evaluates.name + TINY_SUFFIX})
-        rows.append(row.model_copy(update=update))
-    title = (f"{spec.title or spec.name} — tiny variant (digits, small model, one epoch per stage: the paper's "
-             "numbers are beside it for the layout, not for comparison)")
-    surface = spec.surface.model_copy(update=TINY_SURFACE) if spec.surface is not None else None
-    return spec.model_copy(update={"name": spec.name + TINY_SUFFIX, "title": title, "rows": rows,
-                                   "overrides": {**spec.overrides, **TINY}, "resources": Resources(),
-                                   "max_concurrent": 1, "surface": surface})
+TUNE_DIR = BUNDLED / "tune"
 
 
 def paper_specs(tune_dir: Path = TUNE_DIR) -> dict[str, list[Path]]:
@@ -92,6 +47,9 @@ def list_table(tune_dir: Path = TUNE_DIR) -> str:
     """Every table and figure with its spec, what it runs and its planned cost on the paper's hardware."""
     from mimir.plan import duration, plan_sweep
 
+    if not paper_specs(tune_dir):
+        raise ConfigError(f"no sweep specs of the paper's tables in {tune_dir}: mimir was installed without its "
+                          "bundled specs")
     lines = ["| result | spec | trials | pre-trainings | fine-tunings | evaluations | GPU-hours (A6000) | wall |",
              "|---|---|---|---|---|---|---|---|"]
     total = 0.0
@@ -114,7 +72,8 @@ def list_table(tune_dir: Path = TUNE_DIR) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``mimir reproduce`` handler: the list, or ``mimir sweep`` (or its plan) on each spec of a result."""
-    from mimir.cli import run_sweep_command
+    from mimir import api
+    from mimir.plan import show_plan
 
     if args.list:
         print(list_table())
@@ -126,5 +85,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.name} has {len(paths)} specs; --out names one experiment folder")
     status = 0
     for path in paths:
-        status = max(status, run_sweep_command(argparse.Namespace(**{**vars(args), "spec": str(path)})))
+        if args.plan:
+            status = max(status, show_plan(path, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
+                                           cluster=args.cluster, max_concurrent=args.max_concurrent))
+            continue
+        result = api.sweep(path, *args.overrides, out=args.out, storage=args.storage, resume=args.resume,
+                           tiny=args.tiny, max_concurrent=args.max_concurrent)
+        print(result["table"])
+        print(f"experiment: {result['experiment']}")
     return status

@@ -25,40 +25,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from mimir import attacks
-from mimir.config import ConfigError, RunConfig, Strict, format_errors
+from mimir.config import ConfigError, RunConfig, format_errors
+from mimir.spec import SurfaceSettings
 
-InputKind = Literal["natural", "adversarial"]
 METRICS = ("loss", "accuracy")
 CHUNK = 64  # grid points per Ray task at most
-
-
-class SurfaceSettings(Strict):
-    """What the paper leaves open about Figure 5, with Li et al.'s values where they have one."""
-
-    steps: int = Field(51, ge=2)  # grid points per axis (Li et al.'s -1:1:51)
-    span: float = Field(1.0, gt=0)  # α and β run over [-span, span]
-    num_images: int = Field(1000, ge=1)  # the first N test images
-    inputs: list[InputKind] = Field(["natural", "adversarial"], min_length=1)
-    attack_steps: int = Field(10, ge=1)  # PGD-k for the adversarial loss, at evaluate.eps / step_size
-    seed: int = 123  # fixes θ1, θ2 and the attack starts (Li et al. seed torch with 123)
-    checkpoint: Literal["best", "last"] | None = None  # None: the one evaluation used
-
-    def axis(self) -> np.ndarray:
-        return np.linspace(-self.span, self.span, self.steps)
-
-    def points(self) -> list[tuple[float, float]]:
-        """(α, β) of every grid point, β-major: point ``i`` is row ``i // steps`` of the grid."""
-        axis = self.axis().tolist()
-        return [(a, b) for b in axis for a in axis]
 
 
 # -- directions (Li et al.) ---------------------------------------------------------------------

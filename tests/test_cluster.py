@@ -137,7 +137,7 @@ def _worker_types() -> dict[str, list[dict[str, float]]]:
 
 def _asks() -> dict[str, dict[str, float]]:
     """What each GPU preset and sweep spec asks per worker."""
-    from mimir.sweeps import load_spec
+    from mimir.spec import load_spec
 
     asks = {}
     for path in sorted((REPO / "configs").glob("*.yaml")):

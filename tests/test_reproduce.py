@@ -15,11 +15,11 @@ from mimir.cli import main
 from mimir.config import ConfigError, load_config
 from mimir.plan import _wall_seconds, cluster_from_file, format_plan, plan_sweep
 from mimir.report import markdown_table, table_rows, write_reports
-from mimir.reproduce import paper_specs, specs_for, tiny_variant
-from mimir.sweeps import FAILED, load_spec
+from mimir.reproduce import paper_specs, specs_for
+from mimir.spec import FAILED, load_spec, tiny_variant
 
 REPO = Path(__file__).resolve().parents[1]
-TUNE = REPO / "tune"
+TUNE = (REPO / "tune").resolve()  # the bundled specs (mimir/tune; tune/ links there)
 NEW_SPECS = ["table2_cifar10", "table3_imagenet", "table4_architectures", "table5_tinyimagenet", "table9_adaptive",
              "table14_clean_finetune"]
 
@@ -59,7 +59,7 @@ def test_the_specs_hold_the_papers_rows_settings_and_numbers():
     vit_s = next(r for r in spec.rows if r.label == "ViT-S | MIMIR | PGD")
     assert vit_s.paper == {"natural": 88.11, "pgd20": 56.63, "pgd100": 56.34, "autoattack": 53.18}
     _, base = load_spec(spec_path("table2_cifar10"))
-    from mimir.sweeps import trial_config
+    from mimir.spec import trial_config
     mae = trial_config(base, spec, spec.grid_points()[0])
     assert (mae.model.arch, mae.pretrain.attack.steps, mae.pretrain.mi.estimator) == ("vit_tiny", 0, "none")
     assert mae.data.generated == "cifar10-edm-5m" and mae.finetune.epochs == 100 and mae.pretrain.epochs == 800
@@ -270,7 +270,7 @@ def test_a_tiny_variant_keeps_the_rows_on_the_digits():
     assert spec.name == "table4_architectures_tiny" and [r.label for r in spec.rows] == [
         "ViT-S", "ConViT-S", "XCiT-S", "XCiT-M"]
     assert spec.rows[0].evaluates.name == "table3_imagenet_tiny"
-    from mimir.sweeps import trial_config
+    from mimir.spec import trial_config
     configs = [trial_config(base, spec, p) for p in spec.grid_points()]
     assert {c.data.dataset for c in configs} == {"digits"} and {c.pretrain.epochs for c in configs} == {1}
     assert [c.model.arch for c in configs] == ["vit_small"] * 2 + ["convit_small"] * 2 + ["xcit_small"] * 2 + [
@@ -312,7 +312,8 @@ def recording_trial(cfg, experiment, trial_dir, callbacks=(), finetuned=None):
 def run_tiny(name, root):
     """Every trial of a spec's tiny variant, as its Tune trials run them (``run_grid_trial``), in the
     experiment folder ``root/<name>_tiny``; returns that folder."""
-    from mimir.sweeps import find_sources, run_grid_trial
+    from mimir.spec import find_sources
+    from mimir.sweeps import run_grid_trial
 
     spec, base = load_spec(spec_path(name), tiny=True)
     experiment = root / spec.name

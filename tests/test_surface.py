@@ -16,9 +16,9 @@ from mimir.cli import build_parser, main
 from mimir.config import RunConfig
 from mimir.evaluation import load_classifier
 from mimir.models import build_classifier
-from mimir.surface import (Surface, SurfaceSettings, grid_losses, load_test_subset, plot_surfaces,
-                           random_directions, settings_from_args)
-from mimir.sweeps import load_spec, load_spec_check
+from mimir.spec import SurfaceSettings, load_spec, load_spec_check
+from mimir.surface import (Surface, grid_losses, load_test_subset, plot_surfaces, random_directions,
+                           settings_from_args)
 
 REPO = Path(__file__).resolve().parents[1]
 

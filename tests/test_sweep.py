@@ -18,8 +18,8 @@ from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
 from mimir.runner import NonFiniteRun
 from test_surface import check_trial_surfaces
-from mimir.sweeps import (FAILED, SweepSpec, TrialFailed, finished_results, load_spec, run_sweep,
-                         run_with_retry, study_name)
+from mimir.spec import FAILED, SweepSpec, load_spec
+from mimir.sweeps import TrialFailed, finished_results, run_sweep, run_with_retry, study_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,45 @@
+"""Every use of Ray's private API, in one place.
+
+mimir needs three things Ray does not expose publicly; each is read or set here and nowhere else,
+and ``pyproject.toml`` pins Ray to the versions these were tested on (2.60.x). When Ray changes one
+of them, ``tests/test_data_order.py`` (the execution counter) and ``tests/test_console.py`` (the
+logging config) fail first.
+
+- Ray Data's per-dataset execution counter: the epoch a Ray Data task works for. Ray's own seeded
+  operators (``RandomSeedConfig(reseed_after_execution=True)``, ``FileShuffleConfig``) key their
+  draws on it; mimir keys each row's augmentation on it too, and starts it at the epoch a resumed
+  run restarts from.
+- Ray Data's default logging config, which mimir extends to quiet Ray Data's notices in the
+  processes Ray starts.
+- The raylet's idle-worker timeout (a ``_system_config`` key of ``ray.init``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import ray
+
+
+def data_epoch() -> int:
+    """The execution index of the dataset the calling Ray Data task belongs to (its epoch)."""
+    return ray.data.DataContext.get_current()._execution_idx
+
+
+def start_executions_at(dataset: ray.data.Dataset, epoch: int) -> None:
+    """Make the dataset's next execution count as ``epoch`` (the one after it ``epoch + 1``, ...)."""
+    dataset.context._execution_idx = epoch
+
+
+def ray_data_default_logging() -> dict[str, Any]:
+    """A copy of Ray Data's own default logging config (everything to the session's ``ray-data.log``)."""
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    return copy.deepcopy(DEFAULT_CONFIG)
+
+
+def init_local_ray(idle_worker_ms: int, **kwargs: Any) -> None:
+    """``ray.init(**kwargs)`` of a local Ray whose raylet keeps an idle worker process for
+    ``idle_worker_ms`` (a ``_system_config`` key)."""
+    ray.init(_system_config={"idle_worker_killing_time_threshold_ms": idle_worker_ms}, **kwargs)
