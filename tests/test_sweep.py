@@ -317,7 +317,7 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
     with scaling.storage_path a URI (as s3:// on a cluster): runs, cache and Tune state live there.
     Each trial also computes its loss surface (Figure 5's hook) on a tiny grid."""
     overrides = [f"data.root={data_root}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "finetune.epochs=1",
-                 "finetune.warmup_epochs=0", "finetune.attack.steps=1", "evaluate.num_images=32",
+                 "finetune.warmup_epochs=0", "finetune.attack.steps=1", "finetune.batch_size=128", "evaluate.num_images=32",
                  "evaluate.attacks=[natural, pgd20]", f"scaling.storage_path=file://{tmp_path}/bucket/sweeps"]
     spec_path = _spec(tmp_path, (
         "resources: {num_workers: 1, cpus_per_worker: 1}\n"
