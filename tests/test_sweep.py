@@ -376,3 +376,17 @@ def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_loc
     study = optuna.load_study(study_name=study_name(spec_of(spec_path), out),
                               storage=f"sqlite:///{out / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+
+
+def test_the_users_scaling_overrides_win_over_the_specs_resources_and_the_plan_shows_them():
+    from mimir.plan import plan_sweep
+
+    spec_path = REPO / "tune" / "table7_estimator.yaml"
+    plan = plan_sweep(spec_path, ["scaling.num_workers=8"])
+    assert {t.workers for t in plan.trials} == {8} and all(t.worker.get("GPU") == 1 for t in plan.trials)
+    assert all(t.config.scaling.num_workers == 8 and t.config.scaling.use_gpu for t in plan.trials)
+    on_cpus = plan_sweep(spec_path, ["scaling.use_gpu=false", "scaling.cpus_per_worker=4"])
+    assert all(not t.worker.get("GPU") and t.worker["CPU"] == 4 and t.workers == 4 for t in on_cpus.trials)
+    assert all(not t.config.scaling.use_gpu for t in on_cpus.trials)
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers: Input should be greater than or equal to 1"):
+        plan_sweep(spec_path, ["scaling.num_workers=0"])
