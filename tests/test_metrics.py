@@ -50,6 +50,24 @@ def test_each_epoch_is_written_as_json_csv_and_tensorboard(tmp_path):
                            "validation/natural", "validation/pgd"}
 
 
+def test_tensorboard_itself_reads_a_runs_curves(tmp_path):
+    """The README's `tensorboard --logdir RUN` after `pip install -e ".[tensorboard]"`: TensorBoard's
+    own reader (what its server serves) finds every stage's curves in a run folder."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    for stage in ("pretrain", "finetune"):
+        log = MetricsLog(str(tmp_path / stage), start_epoch=0)
+        log.append(_epoch(0))
+        log.append(_epoch(1, val_pgd=30.0))
+        log.close()
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path)).Reload()
+    assert set(runs.Runs()) == {"pretrain", "finetune"}
+    losses = runs.Scalars("finetune", "train/loss")
+    assert [e.step for e in losses] == [1, 2] and [e.value for e in losses] == pytest.approx([2.0, 1.9])
+    assert [(e.step, e.value) for e in runs.Scalars("finetune", "validation/pgd")] == [(2, 30.0)]
+
+
 def test_a_resumed_stage_rewrites_the_epochs_it_runs_again(tmp_path):
     log = MetricsLog(str(tmp_path), 0)
     for epoch in range(3):
