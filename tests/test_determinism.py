@@ -80,8 +80,10 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     assert cli.main(["run", *_args(out, data_root)]) == 0
     printed, errors = capfd.readouterr()
     assert "| Natural | PGD-20 |" in printed and "[pretrain] epoch 2/2" in printed
-    # a quiet console: mimir's lines only, nothing from Ray Data, Ray Train or Ray core
+    # a quiet console: mimir's lines only, nothing from Ray Data, Ray Train or Ray core, and the
+    # workers' lines as they printed them: no "(RayTrainWorker pid=N)" prefix, no colour codes
     assert _foreign_lines(printed + errors) == []
+    assert not any(RAY_PREFIX.match(line) for line in printed.splitlines()) and "\x1b[" not in printed
     # the MI penalty's size and its share of the encoder gradient in every pre-training epoch line,
     # validation in every fine-tuning one
     pretrain_lines = [line for line in printed.splitlines() if "[pretrain] epoch" in line]

@@ -12,6 +12,8 @@ logging config) fail first.
 - Ray Data's default logging config, which mimir extends to quiet Ray Data's notices in the
   processes Ray starts.
 - The raylet's idle-worker timeout (a ``_system_config`` key of ``ray.init``).
+- The "(RayTrainWorker pid=N)" prefix on worker lines the driver prints: Ray reads its switch
+  (``RAY_DISABLE_WORKER_LOG_PREFIX``) from the environment once, when ``ray`` is imported.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def ray_data_default_logging() -> dict[str, Any]:
     from ray.data._internal.logging import DEFAULT_CONFIG
 
     return copy.deepcopy(DEFAULT_CONFIG)
+
+
+def drop_worker_log_prefix() -> None:
+    """Print the workers' lines on the driver's console as they are, without Ray's "(Name pid=N)"
+    prefix and its colour codes; call before ``ray.init`` (``RAY_DISABLE_WORKER_LOG_PREFIX=1``, which
+    Ray reads only when imported)."""
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = True
 
 
 def init_local_ray(idle_worker_ms: int, **kwargs: Any) -> None:

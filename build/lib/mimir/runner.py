@@ -70,6 +70,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     local = not os.environ.get("RAY_ADDRESS")
     if not verbose():
         quiet_this_process()
+        ray_private.drop_worker_log_prefix()  # the console shows mimir's lines as mimir printed them
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # -v in a log file: Ray's prefixes without colour codes
     # workers print their epoch lines straight to stdout: Ray Train's print patch would route them
     # through its logger, which shows every line twice
     env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **ray_process_env(local)}

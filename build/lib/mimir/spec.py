@@ -354,9 +354,36 @@ def load_command_spec(spec_path: str | Path, overrides: list[str] | tuple[str, .
     if max_concurrent is not None:
         spec = spec.model_copy(update={"max_concurrent": max_concurrent})
     if overrides:
-        spec = spec.model_copy(update={"overrides": {**spec.overrides, **flatten(parse_overrides(list(overrides)))}})
+        command = flatten(parse_overrides(list(overrides)))
+        resources = command_resources(spec, command)
+        spec = spec.model_copy(update={"overrides": {**spec.overrides, **command}, "resources": resources})
         load_spec_check(base, spec)
     return spec, base
+
+
+def command_resources(spec: SweepSpec, command: dict[str, Any]) -> Resources:
+    """The spec's ``resources:`` with the command's ``scaling.num_workers``, ``cpus_per_worker``,
+    ``gpus_per_worker`` (taken out of ``command``) and ``use_gpu`` put over it: what the user types
+    wins over what the spec says, and the plan shows it (the resources block would otherwise
+    override those fields in every trial). ``scaling.use_gpu=false`` means no GPU a worker;
+    ``scaling.use_gpu=true`` on a CPU spec, one."""
+    resources = spec.resources.model_dump()
+    for field in ("num_workers", "cpus_per_worker", "gpus_per_worker"):
+        if f"scaling.{field}" in command:
+            resources[field] = command.pop(f"scaling.{field}")
+    if "scaling.use_gpu" in command:
+        use_gpu = command["scaling.use_gpu"]
+        if use_gpu is False:
+            resources["gpus_per_worker"] = 0.0
+        elif use_gpu is True and not resources["gpus_per_worker"]:
+            resources["gpus_per_worker"] = 1.0
+        elif use_gpu not in (True, False):
+            raise ConfigError(f"scaling.use_gpu: expected true or false, got {use_gpu!r}")
+    try:
+        return Resources.model_validate(resources)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, f"the command's overrides of {spec.name}'s resources")
+                          .replace("\n  ", "\n  scaling.")) from None
 
 
 def load_spec_check(base: dict[str, Any], spec: SweepSpec) -> None:
