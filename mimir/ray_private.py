@@ -51,6 +51,8 @@ def drop_worker_log_prefix() -> None:
 
 
 def init_local_ray(idle_worker_ms: int, **kwargs: Any) -> None:
-    """``ray.init(**kwargs)`` of a local Ray whose raylet keeps an idle worker process for
-    ``idle_worker_ms`` (a ``_system_config`` key)."""
-    ray.init(_system_config={"idle_worker_killing_time_threshold_ms": idle_worker_ms}, **kwargs)
+    """``ray.init(**kwargs)`` of a new local Ray whose raylet keeps an idle worker process for
+    ``idle_worker_ms`` (a ``_system_config`` key). ``address="local"``: its own Ray even where a
+    cluster started by ``ray start`` runs on this machine (plain ``ray.init()`` would join that one,
+    and refuse these settings)."""
+    ray.init(address="local", _system_config={"idle_worker_killing_time_threshold_ms": idle_worker_ms}, **kwargs)
