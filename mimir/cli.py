@@ -295,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which fine-tuning checkpoint (default: the one evaluation uses, evaluate.checkpoint)")
     export.set_defaults(handler="mimir.export:main")
 
+    runs = sub.add_parser("runs", help="the runs under a folder: status, stages done, accuracies, wall time")
+    runs.add_argument("folder", help="a folder holding run folders (results/, a sweep's experiment folder)")
+    runs.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    runs.set_defaults(handler="mimir.runs:main")
+    compare = sub.add_parser("compare", help="the config fields in which runs differ, and their results")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holds config.json)")
+    compare.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    compare.set_defaults(handler="mimir.runs:main")
     plot = sub.add_parser("plot", help="training curves of a run or a sweep as a PNG",
                           description=_module_doc("mimir.plot"), formatter_class=argparse.RawDescriptionHelpFormatter)
     plot.add_argument("path", help="run folder (output_dir) or sweep experiment folder")

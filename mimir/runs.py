@@ -1,0 +1,109 @@
+"""Runs as first-class objects: ``mimir runs DIR`` lists the runs under a folder, ``mimir compare RUN
+RUN ...`` shows the config fields in which runs differ and their results side by side.
+
+A run is a folder with the ``config.json`` that ``mimir run`` (or a stage command, or a sweep trial)
+writes first; ``results.json`` appears when it finished, ``failed.json`` when it diverged. Reads
+those files only: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from mimir.config import flatten
+
+STAGE_RECORD = "mimir_stage.json"  # a finished stage's record (runner.STAGE_RECORD)
+STAGES = ("pretrain", "finetune", "evaluate")
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run folder under ``root`` (``root`` itself included), in path order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    return sorted(p.parent for p in root.rglob("config.json") if not p.parent.name.startswith("."))
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_summary(folder: Path, root: Path | None = None) -> dict[str, Any]:
+    """Name, status (finished, failed, unfinished), stages done, natural and robust accuracy (the
+    first attack after natural), the number of test images and wall time of one run folder."""
+    results, failed = _read(folder / "results.json"), _read(folder / "failed.json")
+    done = [s for s in STAGES if (folder / s / STAGE_RECORD).is_file()]
+    if results is not None:
+        done = [s for s in STAGES if results.get(s) is not None or (s == "evaluate" and "accuracy" in results)]
+    accuracy = (results or {}).get("accuracy", {})
+    robust = next((name for name in accuracy if name != "natural"), None)
+    return {"run": str(folder.relative_to(root)) if root and folder != root else str(folder),
+            "status": "finished" if results else "failed" if failed else "unfinished",
+            "stages": done, "natural": accuracy.get("natural"), "robust": robust and accuracy[robust],
+            "attack": robust, "images": (results or {}).get("num_images"),
+            "seconds": sum((results or {}).get("seconds", {}).values()) or None,
+            "reason": (failed or {}).get("reason")}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "—"
+    return str(value)
+
+
+def _render(header: list[str], rows: list[list[Any]], fmt: str) -> str:
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+        return out.getvalue().rstrip("\n")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def runs_table(root: str | Path, fmt: str = "markdown") -> str:
+    """``mimir runs DIR``: one row per run under the folder."""
+    root = Path(root)
+    summaries = [run_summary(folder, root) for folder in find_runs(root)]
+    if not summaries:
+        raise FileNotFoundError(f"no runs under {root} (a run folder holds the config.json mimir writes)")
+    header = ["run", "status", "stages", "natural", "robust", "attack", "images", "seconds"]
+    return _render(header, [[s[k] for k in header] for s in summaries], fmt)
+
+
+def compare_table(folders: list[str | Path], fmt: str = "markdown") -> str:
+    """``mimir compare RUN RUN ...``: the config fields that differ between the runs, then their
+    results (every evaluated attack, the wall time), one column per run."""
+    paths = [Path(f) for f in folders]
+    configs = []
+    for path in paths:
+        config = _read(path / "config.json")
+        if config is None:
+            raise FileNotFoundError(f"{path} is not a run folder (no config.json)")
+        configs.append(flatten(config))
+    keys = sorted(set().union(*configs))
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    summaries = [run_summary(p) for p in paths]
+    results = [_read(p / "results.json") or {} for p in paths]
+    attacks = list(dict.fromkeys(a for r in results for a in r.get("accuracy", {})))
+    rows = [[k, *(json.dumps(c[k]) if k in c else "(unset)" for c in configs)] for k in differ]
+    rows += [[f"accuracy.{a}", *(r.get("accuracy", {}).get(a) for r in results)] for a in attacks]
+    rows += [["status", *(s["status"] for s in summaries)], ["seconds", *(s["seconds"] for s in summaries)]]
+    return _render(["field", *(str(p) for p in paths)], rows, fmt)
+
+
+def main(args: Any) -> int:
+    """The ``runs`` and ``compare`` commands."""
+    fmt = "csv" if args.csv else "markdown"
+    print(runs_table(args.folder, fmt) if args.command == "runs" else compare_table(args.runs, fmt))
+    return 0

@@ -1,0 +1,68 @@
+"""Runs are first-class: `mimir runs DIR` lists what is under a folder, `mimir compare` puts runs
+side by side, from the files a run leaves (no Ray, no training)."""
+
+import json
+
+import pytest
+
+from mimir.cli import main
+
+
+def _run(folder, config, results=None, failed=None, stages=()):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    if failed is not None:
+        (folder / "failed.json").write_text(json.dumps({"config": config, "reason": failed}))
+    for stage in stages:
+        (folder / stage).mkdir()
+        (folder / stage / "mimir_stage.json").write_text("{}")
+
+
+CONFIG = {"seed": 0, "finetune": {"blr": 0.02, "epochs": 25}, "pretrain": {"mi": {"weight": 1e-5}}}
+RESULTS = {"accuracy": {"natural": 98.6667, "pgd20": 86.8889}, "num_images": 450, "pretrain": {}, "finetune": {},
+           "seconds": {"pretrain": 119.0, "finetune": 222.0, "evaluate": 26.0}}
+
+
+@pytest.fixture
+def results_folder(tmp_path):
+    _run(tmp_path / "quickstart", CONFIG, RESULTS)
+    _run(tmp_path / "lr", {**CONFIG, "finetune": {"blr": 0.01, "epochs": 25}},
+         {**RESULTS, "accuracy": {"natural": 97.0, "pgd20": 84.5}})
+    _run(tmp_path / "sweeps" / "t" / "trials" / "a" / "seed-1", {**CONFIG, "seed": 1}, stages=("pretrain",))
+    _run(tmp_path / "diverged", {**CONFIG, "pretrain": {"mi": {"weight": 10.0}}}, failed="pretrain ended with loss nan")
+    return tmp_path
+
+
+def test_runs_lists_every_run_under_a_folder_with_its_status_and_accuracies(results_folder, capsys):
+    assert main(["runs", str(results_folder)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| run | status | stages | natural | robust | attack | images | seconds |"
+    assert "| quickstart | finished | pretrain, finetune, evaluate | 98.67 | 86.89 | pgd20 | 450 | 367.00 |" in table
+    assert "| sweeps/t/trials/a/seed-1 | unfinished | pretrain | — | — | — | — | — |" in table
+    assert "| diverged | failed | — | — | — | — | — | — |" in table
+    assert len(table) == 2 + 4
+    assert main(["runs", str(results_folder), "--csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "run,status,stages,natural,robust,attack,images,seconds"
+    assert "lr,finished,\"['pretrain', 'finetune', 'evaluate']\",97.0,84.5,pgd20,450,367.0" in rows
+
+
+def test_compare_shows_the_fields_that_differ_and_the_results_side_by_side(results_folder, capsys):
+    assert main(["compare", str(results_folder / "quickstart"), str(results_folder / "lr"),
+                 str(results_folder / "diverged")]) == 0
+    table = capsys.readouterr().out
+    assert "| finetune.blr | 0.02 | 0.01 | 0.02 |" in table
+    assert "| pretrain.mi.weight | 1e-05 | 1e-05 | 10.0 |" in table
+    assert "seed" not in table and "finetune.epochs" not in table  # the same in every run
+    assert "| accuracy.pgd20 | 86.89 | 84.50 | — |" in table and "| status | finished | finished | failed |" in table
+    assert main(["compare", str(results_folder / "quickstart"), str(results_folder / "lr"), "--csv"]) == 0
+    assert "finetune.blr,0.02,0.01" in capsys.readouterr().out.splitlines()
+
+
+def test_a_folder_without_runs_is_a_named_error(tmp_path, capsys):
+    assert main(["runs", str(tmp_path)]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
+    assert "is not a run folder (no config.json)" in capsys.readouterr().err
