@@ -30,6 +30,7 @@ import ray.train
 import timm.models
 import torch.nn as nn
 
+from mimir import model_card
 from mimir.config import ConfigError, RunConfig
 from mimir.metrics import filesystem
 from mimir.evaluation import load_classifier as load_classifier_weights
@@ -91,7 +92,9 @@ def timm_model(checkpoint: ray.train.Checkpoint, stage: str) -> tuple[nn.Module,
 
 
 def export(run: str | Path, out: str | Path, stage: str = "finetune", which: str | None = None) -> Path:
-    """Write a run's (or checkpoint's) model as ``model.safetensors`` + ``config.json`` in ``out``."""
+    """Write a run's (or checkpoint's) model as ``model.safetensors`` + ``config.json`` in ``out``; a
+    fine-tuned classifier also gets its model card (``README.md``) and, where the run measured
+    AutoAttack, ``robustbench.json`` (:mod:`mimir.model_card`)."""
     checkpoint = find_checkpoint(run, stage, which)
     model, cfg = timm_model(checkpoint, stage)
     out = Path(out)
@@ -104,6 +107,12 @@ def export(run: str | Path, out: str | Path, stage: str = "finetune", which: str
     config["mimir"] = {"stage": stage, "checkpoint": checkpoint.path, "dataset": cfg.data.dataset,
                        "config_hash": cfg.config_hash()}
     config_file.write_text(json.dumps(config, indent=2))
+    if stage == "finetune":
+        results_file = Path(str(run)) / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+        if results is not None and results.get("evaluated_checkpoint") not in (None, checkpoint.path):
+            results = None  # its accuracies are another checkpoint's
+        model_card.write(out, cfg, results, config["architecture"], config["num_classes"])
     return out
 
 

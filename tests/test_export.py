@@ -106,3 +106,35 @@ def test_the_readme_snippet_runs(tmp_path, tiny_config, monkeypatch):
     _run_folder(tmp_path, tiny_config, "avg", name="results/quickstart")
     assert main(["export", "results/quickstart", "--out", "export/quickstart"]) == 0
     exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_an_exported_model_leaves_with_its_model_card_and_robustbench_info(tmp_path, tiny_config):
+    """The card's accuracies, settings and image count are results.json's; the model still loads in
+    timm from the folder that holds the card."""
+    import re
+
+    from mimir.export import find_checkpoint
+
+    run, cfg, classifier, _ = _run_folder(tmp_path, tiny_config, "avg")
+    evaluated = find_checkpoint(run, "finetune", "last").path
+    results = {"accuracy": {"natural": 91.25, "pgd20": 70.5, "autoattack": 66.75}, "num_images": 400,
+               "evaluated_checkpoint": evaluated}
+    (run / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "last"]) == 0
+    card = (out / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\w+) \| .* \| ([\d.]+) \|$", card, re.MULTILINE))
+    assert {name: float(acc) for name, acc in rows.items()} == results["accuracy"]
+    assert "On 400 test images" in card and "PGD-20 on the cross-entropy, L∞ ε = 8/255, step 2/255" in card
+    assert "AutoAttack standard" in card and f"mimir {mimir.__version__}" in card and "```yaml" in card
+    info = json.loads((out / "robustbench.json").read_text())
+    assert (info["clean_acc"], info["autoattack_acc"], info["eps"], info["threat_model"]) == ("91.25", "66.75", "8/255", "Linf")
+    assert info["num_evaluated_points"] == 400 and info["architecture"] == "vit_tiny_patch16_224"
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(model((images - classifier.mean) / classifier.std), classifier.eval()(images),
+                               rtol=1e-5, atol=1e-5)
+    # the best checkpoint was not the one evaluated: no accuracies are claimed for it, no RobustBench entry
+    assert main(["export", str(run), "--out", str(tmp_path / "best"), "--checkpoint", "best"]) == 0
+    assert "Not evaluated" in (tmp_path / "best" / "README.md").read_text()
+    assert not (tmp_path / "best" / "robustbench.json").exists()
