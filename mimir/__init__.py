@@ -7,7 +7,8 @@ that ``import mimir`` (and the command line's ``--help``) stays free of torch an
 
 from typing import Any
 
-__version__ = "0.1.0"
+from mimir.version import __version__
+
 API = ("run", "pretrain", "finetune", "evaluate", "sweep", "load_classifier", "load_run_config")
 __all__ = ["__version__", *API]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mimir import __version__
+from mimir.version import __version__
 from mimir.console import set_verbose
 from mimir.submit import add_parser as add_submit_parser
 

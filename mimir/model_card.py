@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mimir import __version__
+from mimir.version import __version__
 from mimir.config import RunConfig
 
 ROBUSTBENCH = "robustbench.json"
