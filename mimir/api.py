@@ -58,6 +58,23 @@ def checkpoint_argument(path: str | Path, stage: str, option: str) -> ray.train.
 CheckpointArgument = str | Path | ray.train.Checkpoint | None
 
 
+def dry_run(stages: tuple[str, ...], config: str | Path | RunConfig, *overrides: str, resume: bool = False,
+            overwrite: bool = False, pretrained: CheckpointArgument = None, checkpoint: CheckpointArgument = None,
+            **fields: Any) -> list[str]:
+    """``--dry-run``: every check the stages make before Ray starts, and what each would do, with
+    nothing trained, started or removed; raises on the first problem."""
+    from mimir.runner import preflight
+
+    cfg = load_run_config(config, *overrides, **fields)
+    if pretrained is not None and not isinstance(pretrained, ray.train.Checkpoint):
+        checkpoint_argument(pretrained, "pretrain", "pretrained")
+    if checkpoint is not None and not isinstance(checkpoint, ray.train.Checkpoint):
+        checkpoint_argument(checkpoint, "finetune", "checkpoint")
+    _, lines = preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+                         finetuned_given=checkpoint is not None, dry_run=True)
+    return [f"config: {cfg.name}, output_dir {cfg.output_dir}, config hash {cfg.config_hash()}", *lines]
+
+
 def _stages(stages: tuple[str, ...], config: str | Path | RunConfig, overrides: tuple[str, ...],
             fields: dict[str, Any], *, resume: bool, overwrite: bool, pretrained: CheckpointArgument = None,
             checkpoint: CheckpointArgument = None) -> dict[str, Any]:

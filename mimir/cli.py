@@ -52,6 +52,13 @@ def _stage_command(args: argparse.Namespace) -> int:
         options["pretrained"] = api.checkpoint_argument(args.pretrained, "pretrain", "--pretrained")
     if getattr(args, "checkpoint", None):
         options["checkpoint"] = api.checkpoint_argument(args.checkpoint, "finetune", "--checkpoint")
+    if args.dry_run:
+        stages = ("pretrain", "finetune", "evaluate") if args.command == "run" else (args.command,)
+        for line in api.dry_run(stages, args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                **options):
+            print(line)
+        print("dry run: every check passed; nothing was trained")
+        return 0
     command = getattr(api, args.command)  # run, pretrain, finetune or evaluate
     results = command(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite, **options)
     print(format_results(results))
@@ -250,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--resume", action="store_true", help="continue an interrupted run in output_dir")
         mode.add_argument("--overwrite", action="store_true",
                           help="replace the stages in output_dir that this run trains (a changed config)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="check everything the run needs (config, dataset, output_dir, accelerator, memory) "
+                            "and say what each stage would do; train nothing")
         p.set_defaults(handler=_stage_command)
         return p
 

@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 
 from mimir import ray_private
-from mimir.config import RunConfig, config_changes
+from mimir.config import ConfigError, RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
@@ -367,18 +367,22 @@ def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, 
 
 
 def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False, overwrite: bool = False,
-                 pretrained_given: bool = False, finetuned_given: bool = False) -> None:
+                 pretrained_given: bool = False, finetuned_given: bool = False, remove: bool = True) -> list[str]:
     """Before anything starts: refuse an output folder whose stages belong to another config (or are
-    unfinished without --resume), or, with ``overwrite``, clear those of the stages this run trains."""
+    unfinished without --resume), or, with ``overwrite``, clear those of the stages this run trains
+    (``remove=False``, a dry run: only name them). Returns the stages cleared."""
     storage = storage_root(cfg)
     training = [s for s in ("pretrain", "finetune") if s in stages and (s != "pretrain" or cfg.pretrain.enabled)]
+    replaced = []
     for stage in training:
         try:
             check_stage(stage, cfg, storage, stage, resume)
         except StageExistsError:
             if not overwrite:
                 raise
-            remove_stage(storage, stage)  # a stage of this very config is kept and reused
+            replaced.append(stage)
+            if remove:
+                remove_stage(storage, stage)  # a stage of this very config is kept and reused
     # a stage run alone starts from the previous stage in output_dir: it must be there, and this config's
     if "finetune" in stages and "pretrain" not in stages and cfg.pretrain.enabled and not pretrained_given:
         if not check_stage("pretrain", cfg, storage, "pretrain", resume=False):
@@ -388,6 +392,7 @@ def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
         if not check_stage("finetune", cfg, storage, "finetune", resume=False):
             raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
                                     "`mimir finetune` first or pass --checkpoint CHECKPOINT")
+    return replaced
 
 
 class NonFiniteRun(RuntimeError):
@@ -565,20 +570,70 @@ def cache_lease(cache: str | None, key: str) -> Iterator[None]:
         ray.get(leases.release.remote(key, holder))
 
 
+def accelerator(cfg: RunConfig) -> str:
+    """Where the run's workers compute, in words; a ConfigError for a local run that asks for GPUs
+    this machine does not have."""
+    s = cfg.scaling
+    workers = f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''}"
+    if os.environ.get("RAY_ADDRESS"):
+        return (f"the Ray cluster at {os.environ['RAY_ADDRESS']}: {workers} of {s.cpus_per_worker:g} CPUs"
+                + (f" and {s.gpus_per_worker:g} GPU" if s.use_gpu else "") + " each (not checked from here)")
+    if s.use_gpu:
+        if not torch.cuda.is_available():
+            raise ConfigError("scaling.use_gpu is true, but torch sees no CUDA device on this machine; set "
+                              "scaling.use_gpu=false or run on a cluster (RAY_ADDRESS)")
+        return f"CUDA: {workers} on {torch.cuda.device_count()} visible GPU(s) ({torch.cuda.get_device_name(0)})"
+    return f"CPU: {workers} of {s.cpus_per_worker:g} CPUs, {s.torch_threads or max(1, int(s.cpus_per_worker))} torch threads each"
+
+
+def preflight(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
+              pretrained_given: bool = False, finetuned_given: bool = False,
+              dry_run: bool = False) -> tuple[list[str], list[str]]:
+    """Everything a run checks before Ray starts, in order: the dataset and its manifest, the
+    trackers, the output folder (stages of another config, unfinished ones, what a stage run alone
+    needs), the accelerator and whether each training stage's batch fits in memory. Returns the
+    training stages that will run and a line per stage saying what happens to it; raises on the
+    first problem. ``dry_run``: nothing is removed (``--overwrite`` only names what it would replace)."""
+    manifest = load_manifest(resolve_dataset(cfg.data))  # a missing dataset stops here, before anything is removed
+    check_trackers(cfg.log)
+    if cfg.data.generated:
+        load_manifest(resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})))
+    replaced = check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained_given,
+                            finetuned_given=finetuned_given, remove=not dry_run)
+    storage = storage_root(cfg)
+    training, lines = [], []
+    for stage in ("pretrain", "finetune"):
+        if stage not in stages:
+            continue
+        if stage == "pretrain" and not cfg.pretrain.enabled:
+            lines.append("pretrain: off (pretrain.enabled is false)")
+            continue
+        reused = stage not in replaced and check_stage(stage, cfg, storage, stage, resume)
+        if not reused:
+            training.append(stage)
+        optim = getattr(cfg, stage)
+        what = ("reused: finished with this stage hash" if reused else
+                "trains, replacing the stage of another config (--overwrite)" if stage in replaced else
+                f"trains {optim.epochs} epochs at batch {optim.batch_size}")
+        lines.append(f"{stage}: {what} ({_join(storage, stage)})")
+    if "evaluate" in stages:
+        test_rows = manifest["splits"]["test"]["num_rows"]
+        lines.append(f"evaluate: {', '.join(cfg.evaluate.attacks)} on "
+                     f"{min(test_rows, cfg.evaluate.num_images or test_rows)} test images")
+    lines.append(f"accelerator: {accelerator(cfg)}")
+    check_run_memory(cfg, training)  # an OOM kill an hour in is worse than a message now
+    lines.append(f"memory: each training stage's batch fits ({', '.join(training) or 'nothing trains'})")
+    return training, lines
+
+
 def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
                  pretrained: ray.train.Checkpoint | None = None,
                  finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
     """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
     ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
-    resolve_dataset(cfg.data)  # a missing dataset stops here, before Ray starts or anything is removed
-    check_trackers(cfg.log)
-    if cfg.data.generated:
-        resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated}))
-    check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
-                 finetuned_given=finetuned is not None)
+    training, _ = preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+                            finetuned_given=finetuned is not None)
     storage = storage_root(cfg)
-    training = [s for s in ("pretrain", "finetune") if s in stages and not check_stage(s, cfg, storage, s, resume)]
-    check_run_memory(cfg, training)  # an OOM kill an hour in is worse than a message now
     init_ray()
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

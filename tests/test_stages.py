@@ -205,3 +205,26 @@ def test_only_stages_that_will_train_are_checked_for_memory(finished, monkeypatc
     runner.run_pipeline(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"blr": 1e-3})}),
                         overwrite=True)
     assert checked == [[], ["finetune"]]
+
+
+def test_a_dry_run_checks_everything_and_says_what_each_stage_would_do_without_training(
+        tmp_path, data_root, monkeypatch, capsys):
+    from mimir.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("a dry run must not start Ray"))
+    out = tmp_path / "run"
+    args = ["run", str(QUICKSTART), f"output_dir={out}", f"data.root={data_root}"]
+    assert main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrain: trains 20 epochs at batch 128" in printed and "finetune: trains 25 epochs at batch 32" in printed
+    assert "evaluate: natural, pgd20 on 450 test images" in printed and "accelerator: CPU" in printed
+    assert "memory: each training stage's batch fits" in printed and not out.exists()
+    # the first problem ends it, non-zero, before anything runs
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*args, "scaling.use_gpu=true", "--dry-run"]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert main([*args, "data.dataset=nowhere", "--dry-run"]) == 2
+    assert "dataset 'nowhere' not found" in capsys.readouterr().err
