@@ -631,8 +631,8 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
                  finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
     """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
     ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
-    training, _ = preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
-                            finetuned_given=finetuned is not None)
+    preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+              finetuned_given=finetuned is not None)
     storage = storage_root(cfg)
     init_ray()
     out = Path(cfg.output_dir).expanduser()
