@@ -18,6 +18,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from mimir.models.registry import ARCHITECTURES
 
 
+STAGES = ("pretrain", "finetune", "evaluate")  # a run's stages, in order
+STAGE_RECORD = "mimir_stage.json"  # what a finished stage leaves in its run folder
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the offending field."""
 

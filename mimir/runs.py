@@ -14,10 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mimir.config import flatten
-
-STAGE_RECORD = "mimir_stage.json"  # a finished stage's record (runner.STAGE_RECORD)
-STAGES = ("pretrain", "finetune", "evaluate")
+from mimir.config import STAGE_RECORD, STAGES, flatten
 
 
 def find_runs(root: str | Path) -> list[Path]:
