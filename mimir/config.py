@@ -20,6 +20,7 @@ from mimir.models.registry import ARCHITECTURES
 
 STAGES = ("pretrain", "finetune", "evaluate")  # a run's stages, in order
 STAGE_RECORD = "mimir_stage.json"  # what a finished stage leaves in its run folder
+FAILED = "failed.json"  # where a run's results.json would be: why it has none
 
 
 class ConfigError(ValueError):

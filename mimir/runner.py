@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 
 from mimir import ray_private
-from mimir.config import STAGE_RECORD, STAGES, ConfigError, RunConfig, config_changes
+from mimir.config import FAILED, STAGE_RECORD, STAGES, ConfigError, RunConfig, config_changes
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
@@ -39,7 +39,6 @@ from mimir.memory import PrivateMemoryPeak, check_run_memory
 from mimir.metrics import Tracker, check_trackers, filesystem, write_evaluation
 from mimir.data.format import load_manifest
 
-FAILED = "failed.json"  # where a run's results would be: why it has none
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 LOCAL_POLL_SECONDS = 0.2  # how often Ray Train's controller polls its workers on a local Ray
 log = logging.getLogger("mimir")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mimir.config import STAGE_RECORD, STAGES, flatten
+from mimir.config import FAILED, STAGE_RECORD, STAGES, flatten
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -32,7 +32,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 def run_summary(folder: Path, root: Path | None = None) -> dict[str, Any]:
     """Name, status (finished, failed, unfinished), stages done, natural and robust accuracy (the
     first attack after natural), the number of test images and wall time of one run folder."""
-    results, failed = _read(folder / "results.json"), _read(folder / "failed.json")
+    results, failed = _read(folder / "results.json"), _read(folder / FAILED)
     done = [s for s in STAGES if (folder / s / STAGE_RECORD).is_file()]
     if results is not None:
         done = [s for s in STAGES if results.get(s) is not None or (s == "evaluate" and "accuracy" in results)]

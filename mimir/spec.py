@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from mimir.config import (ConfigError, EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge,
+from mimir.config import (FAILED, ConfigError, EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge,
                           find_file, flatten, format_errors, load_yaml, nest, parse_overrides)
 from mimir.metrics import check_trackers
 
@@ -49,7 +49,6 @@ class SurfaceSettings(Strict):
 
 # -- the spec ------------------------------------------------------------------------------------
 TRIALS = "trials"  # <experiment>/trials/<trial id>/: each trial's record
-FAILED = "failed.json"  # a trial folder's record of why it failed (runner.record_failure)
 ROW, GROUP = "__row__", "__group__"  # grid-point keys: the index of a trial's row and column group
 LABEL_SEPARATOR = " | "  # splits a row label into the spec's label_columns
 
