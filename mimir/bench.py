@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimir.config import ConfigError, RunConfig, build_config, deep_merge, parse_overrides
+from mimir.config import RunConfig, build_config, deep_merge, parse_overrides
+from mimir.errors import ConfigError
 from mimir.memory import (MeasuredStep, check_memory, estimate_memory, fixed_batch, memory_kind, stage_step,
                           step_memory_mb)
 from mimir.mi import MIPenalty
 from mimir.models import build_mae
+from mimir.seeding import stream_seed
 from mimir.train.steps import (Precision, compile_forward, lr_at, mi_gradient_share, pretrain_adversary,
                                pretrain_optimizer, pretrain_step, set_lr)
 
@@ -139,7 +141,7 @@ def _mi_probe(estimator_name: str, cfg: RunConfig, images: torch.Tensor,
               device: torch.device) -> tuple[MeasuredStep, list[int]]:
     """The MI penalty alone on (x + delta, z) of this config's latent shape: estimate and its gradient
     with respect to z (x + delta carries none in a pre-training step). Returns it and z's shape."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))
     mae = build_mae(cfg).to(device)
     with torch.no_grad():
         _, latent = mae(images, mae.sample_keep(images.shape[0], device))
@@ -151,7 +153,7 @@ def _mi_probe(estimator_name: str, cfg: RunConfig, images: torch.Tensor,
 def _attack_probe(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> MeasuredStep:
     """MIMIR's pre-training attack alone (its forward and the gradient to the input), the part of a
     MIMIR step that MAE does not have besides the MI penalty."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))
     mae = build_mae(cfg).to(device).train()
     keep = mae.sample_keep(images.shape[0], device)
     precision = Precision.create(cfg.scaling.precision, device)
@@ -243,7 +245,7 @@ def _seeded_losses(timed: MeasuredStep, steps: int) -> list[float]:
     """The losses of ``steps`` steps, each drawing its mask and attack start from a fixed seed."""
     losses = []
     for i in range(steps):
-        torch.manual_seed(1000 + i)
+        torch.manual_seed(stream_seed(0, "step", epoch=i))
         losses.append(float(timed.step()["loss"]))
     return losses
 
@@ -361,7 +363,7 @@ def _forward_reports(sink: Any) -> Any:
 def _bare_epochs(cfg: RunConfig, images: torch.Tensor, device: torch.device) -> list[float]:
     """The same pre-training as a plain loop of ``pretrain_step`` over in-memory tensors, with the
     same per-epoch MI probe as the Ray loop, so both sides do the same work."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))
     mae = build_mae(cfg).to(device)
     optimizer = pretrain_optimizer(mae, cfg.pretrain)
     precision = Precision.create(cfg.scaling.precision, device)

@@ -339,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_verbose(getattr(args, "verbose", False))
-    from mimir.config import ConfigError
-    from mimir.data.format import DatasetError
-    from mimir.runner import NonFiniteRun, StageExistsError
+    from mimir.errors import ConfigError, DatasetError, NonFiniteRun, StageExistsError
 
     handler = load_handler(args.handler) if isinstance(args.handler, str) else args.handler
     try:

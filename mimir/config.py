@@ -15,16 +15,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mimir.models.registry import ARCHITECTURES
+from mimir.architectures import ARCHITECTURES
+from mimir.errors import ConfigError
 
 
 STAGES = ("pretrain", "finetune", "evaluate")  # a run's stages, in order
 STAGE_RECORD = "mimir_stage.json"  # what a finished stage leaves in its run folder
 FAILED = "failed.json"  # where a run's results.json would be: why it has none
-
-
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the offending field."""
 
 
 def _parse_fraction(value: Any) -> Any:
@@ -308,7 +305,7 @@ class LogConfig(Strict):
 class RunConfig(Strict):
     name: str = "mimir"
     output_dir: str = "results/mimir"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # every random stream derives from it (mimir.seeding)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

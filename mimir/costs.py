@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mimir.config import ConfigError, RunConfig
+from mimir.config import RunConfig
+from mimir.errors import ConfigError
 
 PAPER_DEVICE = "NVIDIA RTX A6000"
 PAPER_DEVICES = 4  # Table 10's seconds per epoch are on 4 GPUs
@@ -76,7 +77,8 @@ def dataset_size(cfg: RunConfig) -> DatasetSize | None:
     name = Path(cfg.data.dataset).name
     if name in DATASETS:
         return DATASETS[name]
-    from mimir.data.format import DatasetError, load_manifest
+    from mimir.data.format import load_manifest
+    from mimir.errors import DatasetError
     from mimir.data.pipeline import resolve_dataset
 
     try:

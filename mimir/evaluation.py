@@ -14,6 +14,7 @@ from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.mi import MIPenalty
 from mimir.models import Classifier, build_classifier
+from mimir.seeding import stream_seed
 from mimir.train.checkpoint import load_state, load_weights
 
 
@@ -29,7 +30,7 @@ def _attack(name: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg:
     if name == "pgd_feature":
         return attacks.pgd_feature(model, x, ev.eps, ev.step_size, ev.adaptive_steps)
     if name == "autoattack":
-        return attacks.autoattack(model, x, y, ev.eps, batch_size=ev.batch_size, seed=cfg.seed)
+        return attacks.autoattack(model, x, y, ev.eps, batch_size=ev.batch_size, seed=stream_seed(cfg.seed, "evaluate"))
     raise ValueError(f"unknown evaluation attack {name!r}")
 
 

@@ -31,7 +31,8 @@ import timm.models
 import torch.nn as nn
 
 from mimir import model_card
-from mimir.config import ConfigError, RunConfig
+from mimir.config import RunConfig
+from mimir.errors import ConfigError
 from mimir.metrics import filesystem
 from mimir.evaluation import load_classifier as load_classifier_weights
 from mimir.models import create_encoder

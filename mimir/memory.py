@@ -20,9 +20,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mimir.config import ConfigError, RunConfig
+from mimir.config import RunConfig
+from mimir.errors import ConfigError
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae
+from mimir.seeding import stream_seed
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, pretrain_optimizer,
                                pretrain_step)
 
@@ -145,7 +147,7 @@ class MeasuredStep:
 def stage_step(stage: str, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
                device: torch.device) -> MeasuredStep:
     """One real training step of a stage (``pretrain`` or ``finetune``) of ``cfg`` on the fixed batch."""
-    torch.manual_seed(cfg.seed)  # every method starts from the same initialization
+    torch.manual_seed(stream_seed(cfg.seed, "init"))  # every method starts from the same initialization
     precision = Precision.create(cfg.scaling.precision, device)
     if stage == "pretrain":
         mae = build_mae(cfg).to(device).train()

@@ -126,7 +126,7 @@ def _curves(record: dict[str, Any]) -> dict[str, float]:
 
 def check_trackers(log: Any) -> None:
     """Before anything runs: a tracker the config asks for must have its package installed."""
-    from mimir.config import ConfigError
+    from mimir.errors import ConfigError
 
     for field in ("mlflow", "wandb"):
         if getattr(log, field) is not None and importlib.util.find_spec(field) is None:

@@ -22,6 +22,7 @@ import torch
 from mimir.config import RunConfig, load_config
 from mimir.mi import MIPenalty, make_estimator
 from mimir.models import build_mae
+from mimir.seeding import stream_seed
 from mimir.train.checkpoint import load_weights
 from mimir.train.steps import Precision, mi_gradient_share
 
@@ -53,7 +54,7 @@ def measure(cfg: RunConfig, images: torch.Tensor, checkpoint: str | Path | None 
     """One row per estimator: estimate, share per unit lambda, share at the configured lambda, active range."""
     rows = []
     for name in ESTIMATORS:
-        torch.manual_seed(cfg.seed)  # the same weights, mask and attack start for every estimator
+        torch.manual_seed(stream_seed(cfg.seed, "init"))  # the same weights, mask and attack start for every estimator
         mae = build_mae(cfg)
         if checkpoint is not None:
             mae.load_state_dict(load_weights(checkpoint))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from mimir.config import ConfigError, RunConfig
+from mimir.config import RunConfig
+from mimir.errors import ConfigError
 from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs, surface_seconds
 from mimir.spec import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
                         trial_config, trial_identity)
@@ -168,7 +170,9 @@ def _launcher_cluster(path: str, doc: dict[str, Any]) -> ClusterCheck:
 
 def connected_cluster() -> ClusterCheck | None:
     """The nodes of the Ray cluster this process is connected to, or that RAY_ADDRESS names; None
-    without either (a plan never starts Ray)."""
+    without either (a plan never starts Ray, nor imports it without a cluster to ask)."""
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        return None
     import ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):

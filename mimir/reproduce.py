@@ -13,7 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
-from mimir.config import BUNDLED, ConfigError
+from mimir.config import BUNDLED
+from mimir.errors import ConfigError
 
 TUNE_DIR = BUNDLED / "tune"
 
@@ -72,7 +73,6 @@ def list_table(tune_dir: Path = TUNE_DIR) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``mimir reproduce`` handler: the list, or ``mimir sweep`` (or its plan) on each spec of a result."""
-    from mimir import api
     from mimir.plan import show_plan
 
     if args.list:
@@ -89,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
             status = max(status, show_plan(path, args.overrides, out=args.out, tiny=args.tiny, costs=args.costs,
                                            cluster=args.cluster, max_concurrent=args.max_concurrent))
             continue
+        from mimir import api  # torch and Ray: only when a sweep runs
+
         result = api.sweep(path, *args.overrides, out=args.out, storage=args.storage, resume=args.resume,
                            tiny=args.tiny, max_concurrent=args.max_concurrent)
         print(result["table"])

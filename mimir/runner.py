@@ -30,22 +30,20 @@ import ray.train.torch
 import torch
 
 from mimir import ray_private
-from mimir.config import FAILED, STAGE_RECORD, STAGES, ConfigError, RunConfig, config_changes
+from mimir.config import FAILED, STAGE_RECORD, STAGES, RunConfig, config_changes
+from mimir.errors import ConfigError, NonFiniteRun, StageExistsError
 from mimir.console import Progress, quiet_this_process, ray_process_env, verbose
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
 from mimir.evaluation import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak, check_run_memory
 from mimir.metrics import Tracker, check_trackers, filesystem, write_evaluation
+from mimir.seeding import stream_seed
 from mimir.data.format import load_manifest
 
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 LOCAL_POLL_SECONDS = 0.2  # how often Ray Train's controller polls its workers on a local Ray
 log = logging.getLogger("mimir")
-
-
-class StageExistsError(RuntimeError):
-    """A run folder holds earlier work that this run may not continue or reuse as asked."""
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -329,7 +327,7 @@ def validation_record(cfg: RunConfig) -> dict[str, Any]:
 def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     cfg = RunConfig.model_validate(cfg_json)
     quiet_ray_data()
-    torch.manual_seed(cfg.seed)  # the attacks' random starts
+    torch.manual_seed(stream_seed(cfg.seed, "evaluate"))  # the attacks' random starts
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     memory = PrivateMemoryPeak()
@@ -390,17 +388,6 @@ def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
             raise FileNotFoundError(f"no finished fine-tuning in {_join(storage, 'finetune')}; run "
                                     "`mimir finetune` first or pass --checkpoint CHECKPOINT")
     return replaced
-
-
-class NonFiniteRun(RuntimeError):
-    """A stage ended with a non-finite loss (or skipped most of its updates as non-finite)."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(f"{stage} {message}")
-        self.stage, self.message = stage, message
-
-    def __reduce__(self) -> tuple[Any, ...]:  # Ray and copy rebuild exceptions from their arguments
-        return type(self), (self.stage, self.message)
 
 
 def check_finite(stage: str, record: dict[str, Any] | None) -> None:

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mimir import attacks
-from mimir.config import ConfigError, RunConfig, format_errors
+from mimir.config import RunConfig, format_errors
+from mimir.errors import ConfigError
+from mimir.seeding import stream_seed
 from mimir.spec import SurfaceSettings
 
 METRICS = ("loss", "accuracy")
@@ -56,7 +58,7 @@ def filter_normalize(direction: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 def random_directions(model: nn.Module, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """θ1 and θ2: filter-normalized Gaussian directions over ``model.parameters()``, drawn on the
     CPU from ``seed`` (the same on every machine and worker), on the parameters' device."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(stream_seed(seed, "directions"))
     weights = [p.detach() for p in model.parameters()]
 
     def draw() -> list[torch.Tensor]:
@@ -80,7 +82,7 @@ def perturb(model: nn.Module, base: Sequence[torch.Tensor], directions: tuple[Se
 def point_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: SurfaceSettings,
                  eps: float, step_size: float, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy and accuracy (%) of the model as it stands, on natural and/or PGD images."""
-    torch.manual_seed(settings.seed)  # the same attack starts at every grid point
+    torch.manual_seed(stream_seed(settings.seed, "evaluate"))  # the same attack starts at every grid point
     sums = {f"{kind}_{metric}": 0.0 for kind in settings.inputs for metric in METRICS}
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         for kind in settings.inputs:

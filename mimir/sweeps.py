@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mimir.config import ConfigError
+from mimir.errors import ConfigError
 from mimir.metrics import filesystem
 from mimir.spec import (FAILED, TRIALS, SweepSpec, experiment_dir, find_sources, load_command_spec, source_key,
                         trial_config, trial_identity)
@@ -135,7 +135,8 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
     remedy), in ``trial_dir/retry_lr_div10``. Writes ``trial_dir/results.json``, whose ``retried``
     says whether the retry made them."""
-    from mimir.runner import NonFiniteRun, write_json_atomically
+    from mimir.runner import write_json_atomically
+    from mimir.errors import NonFiniteRun
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -5,8 +5,7 @@ import time
 
 import ray
 
-from mimir.data.format import DatasetError
-from mimir.runner import NonFiniteRun
+from mimir.errors import DatasetError, NonFiniteRun
 
 SECONDS_PER_TRIAL = 2.0  # long enough for an interrupt to land between two trials
 REPORT_DRAIN_SECONDS = 1.0

@@ -5,7 +5,7 @@ import pytest
 
 from mimir import bench, memory
 from mimir.cli import build_parser, load_handler
-from mimir.config import ConfigError
+from mimir.errors import ConfigError
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch", "8", "--steps", "1", "--rounds", "1",
         "--warmup", "0", "--device", "cpu",

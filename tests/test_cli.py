@@ -1,5 +1,7 @@
 """The command line itself: fast help without the heavy imports, --version, config show."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,38 @@ def test_help_imports_nothing_heavy(command):
     assert "usage: mimir" in out
     assert out.strip().splitlines()[-1] == "[]"
 
+
+
+def test_commands_that_do_not_train_import_no_torch_timm_or_ray(tmp_path):
+    """config show, --plan, reproduce --list, table, runs, compare and plot (and plot's error path)
+    read configs and files only: one process runs them in turn, and after each none of torch, timm
+    or Ray has been imported (nothing hides behind an earlier command's import)."""
+    from mimir.metrics import MetricsLog
+
+    for name, blr in (("a", 0.02), ("b", 0.01)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"seed": 0, "finetune": {"blr": blr}}))
+        (run / "results.json").write_text(json.dumps({"accuracy": {"natural": 98.0, "pgd20": 86.0}, "num_images": 450}))
+        log = MetricsLog(str(run / "finetune"), 0)
+        log.append({"loss": 1.0, "acc": 0.5, "epoch": 0, "lr": 1e-3, "seconds": 1.0, "images_per_second": 9.0})
+        log.close()
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "empty").mkdir()
+    commands = [["config", "show", "quickstart"], ["sweep", "digits_table7", "--plan"], ["reproduce", "--list"],
+                ["table", "quickstart", "--out", str(tmp_path / "experiment")], ["runs", str(tmp_path / "runs")],
+                ["compare", str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")],
+                ["plot", str(tmp_path / "runs" / "a")], ["plot", str(tmp_path / "empty")]]
+    code = ("import contextlib, io, json, sys\nfrom mimir.cli import main\n"
+            f"for command in {commands!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        status = main(command)\n"
+            "    print(json.dumps([command[0], status, sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules)]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # with a cluster to ask, --plan joins it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a[:2] for a in answers] == [[c[0], 2 if c[-1].endswith("empty") else 0] for c in commands]
+    assert [a[2] for a in answers] == [[]] * len(commands), answers
 
 def test_top_level_help_says_what_mimir_is(capsys):
     with pytest.raises(SystemExit):

@@ -1,6 +1,7 @@
 import pytest
 
-from mimir.config import ConfigError, build_config, load_config, parse_overrides
+from mimir.config import build_config, load_config, parse_overrides
+from mimir.errors import ConfigError
 
 
 @pytest.mark.parametrize("raw,field", [

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mimir.data.format import DatasetError, load_manifest, read_split_arrays, stored_order, verify_dataset
+from mimir.data.format import load_manifest, read_split_arrays, stored_order, verify_dataset
+from mimir.errors import DatasetError
 from mimir.data.sources import DATASETS, prepare_dataset
 from mimir.data.sources import cifar10
 from mimir.data.sources.digits import digits_arrays, ensure_digits

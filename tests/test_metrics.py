@@ -143,7 +143,8 @@ def test_plot_names_a_folder_without_metrics(tmp_path, capsys):
 def test_a_tracker_without_its_package_is_a_named_error(monkeypatch):
     import importlib.util
 
-    from mimir.config import ConfigError, build_config
+    from mimir.config import build_config
+    from mimir.errors import ConfigError
     from mimir.metrics import check_trackers
 
     real = importlib.util.find_spec

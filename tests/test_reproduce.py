@@ -12,7 +12,8 @@ import yaml
 from mimir import costs
 from mimir import plan as plan_module
 from mimir.cli import main
-from mimir.config import ConfigError, load_config
+from mimir.config import load_config
+from mimir.errors import ConfigError
 from mimir.plan import _wall_seconds, cluster_from_file, format_plan, plan_sweep
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.reproduce import paper_specs, specs_for

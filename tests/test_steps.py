@@ -144,12 +144,3 @@ def test_an_epochs_data_wait_counts_the_time_spent_getting_batches_not_the_steps
     assert seen == [0, 1, 2]
     assert 0.15 <= batches.seconds < 0.15 + 0.6  # three waits, and none of the 0.6 s of steps
 
-
-def test_a_workers_random_stream_follows_the_seed_the_epoch_and_the_rank():
-    """Masks, attack starts and drop path draw from a stream keyed on (seed, epoch, rank): the same
-    key repeats it, another seed, epoch or rank changes it."""
-    from mimir.train.loops import epoch_seed
-
-    assert epoch_seed(0, 3, 1) == epoch_seed(0, 3, 1)
-    keys = [(0, 3, 1), (1, 3, 1), (0, 4, 1), (0, 3, 0)]
-    assert len({epoch_seed(*key) for key in keys}) == len(keys)

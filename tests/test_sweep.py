@@ -13,10 +13,9 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from mimir.config import ConfigError
+from mimir.errors import ConfigError, NonFiniteRun
 from mimir.report import markdown_table, table_rows, write_reports
 from mimir.config import load_config
-from mimir.runner import NonFiniteRun
 from test_surface import check_trial_surfaces
 from mimir.spec import FAILED, SweepSpec, load_spec
 from mimir.sweeps import TrialFailed, finished_results, run_sweep, run_with_retry, study_name

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimir.console import Progress
+from mimir.errors import DatasetError
 
 FORMAT_VERSION = 2  # 2: the ``index`` column
 MANIFEST_NAME = "manifest.json"
@@ -45,10 +46,6 @@ T = TypeVar("T")
 ROW_ORDER_SEED = 0  # stored row i of a split of n rows is source row stored_order(n)[i]
 # a line every 5 % of a split, for conversions that take long enough to wonder (ImageNet: hours)
 PROGRESS_PERCENT, PROGRESS_AFTER_SECONDS = 5, 30.0
-
-
-class DatasetError(ValueError):
-    """A dataset source or prepared dataset that cannot be used; the message names the path."""
 
 
 @dataclass(frozen=True)

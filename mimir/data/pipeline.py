@@ -25,8 +25,10 @@ from ray.data.dataset import MaterializedDataset
 
 from mimir import ray_private
 from mimir.config import DataConfig
-from mimir.data.format import DatasetError, default_data_dir, load_manifest
+from mimir.data.format import default_data_dir, load_manifest
+from mimir.errors import DatasetError
 from mimir.data.sources.digits import ensure_digits
+from mimir.seeding import stream_seed
 
 Batch = dict[str, np.ndarray]
 
@@ -71,12 +73,6 @@ def data_epoch() -> int:
     return ray_private.data_epoch()
 
 
-def row_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one row's random draws in one epoch: keyed on the row's stored index, so it does
-    not depend on which block, task, worker or node processed the row."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0])
-
-
 def random_crop(data: DataConfig, crop: str) -> T.Transform:
     """A training crop to ``data.img_size``: "resized" (RandomResizedCrop over ``data.crop_scale`` of
     the area) or "padded" (RandomCrop of the image zero-padded by ``data.crop_padding`` pixels)."""
@@ -90,7 +86,8 @@ def random_crop(data: DataConfig, crop: str) -> T.Transform:
 def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool, seed: int,
                     holdout: np.ndarray | None = None, crop: str = "resized") -> Batch:
     """Drop held-out validation rows, then decode + the ``crop`` (:func:`random_crop`) + horizontal
-    flip (+ RandAugment) per image, each image's draws seeded by :func:`row_seed`."""
+    flip (+ RandAugment) per image, each image's draws seeded by its stored index
+    (:func:`mimir.seeding.stream_seed`), whichever block, task or node processes it."""
     if holdout is not None and len(holdout):
         keep = ~np.isin(batch["index"], holdout)
         batch = {key: value[keep] for key, value in batch.items()}
@@ -105,7 +102,7 @@ def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, ra
     # (which also queues every accelerator's seed) ~75 us, a third of a digit's transform
     with torch.random.fork_rng(devices=[]):
         for image, index in zip(decode(batch["image"], manifest), batch["index"]):
-            torch.default_generator.manual_seed(row_seed(seed, epoch, int(index)))
+            torch.default_generator.manual_seed(stream_seed(seed, "augment", epoch=epoch, row=int(index)))
             images.append(transform(_chw(image)))
     stacked = (torch.stack(images).numpy() if images
                else np.zeros((0, 3, data.img_size, data.img_size), dtype=np.uint8))
@@ -133,7 +130,7 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
     The draws are seeded by the epoch and the batch's first row, so they repeat with the run."""
     if len(batch["label"]) == 0:
         return {**batch, "target": np.zeros((0, num_classes), dtype=np.float32)}
-    rng = np.random.default_rng([seed, data_epoch(), int(batch["index"][0])])
+    rng = np.random.default_rng(stream_seed(seed, "mix", epoch=data_epoch(), row=int(batch["index"][0])))
     images = batch["image"].astype(np.float32)
     onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
@@ -166,14 +163,15 @@ def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = Non
     if cache_in_memory is None:
         capacity = ray.cluster_resources().get("object_store_memory", 0.0)
         cache_in_memory = sum(Path(f).stat().st_size for f in files) <= CACHE_FRACTION * capacity
-    shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=stream_seed(seed, "file_order"),
+                                                                     reseed_after_execution=True)
     ds = ray.data.read_parquet(files, shuffle=shuffle)
     return ds.materialize() if cache_in_memory else ds
 
 
-def _per_epoch(seed: int) -> ray.data.RandomSeedConfig:
-    """A seed that Ray Data combines with the execution index: a new, reproducible draw every epoch."""
-    return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+def _per_epoch(seed: int, stream: str) -> ray.data.RandomSeedConfig:
+    """A stream's seed that Ray Data combines with the execution index: a new, reproducible draw every epoch."""
+    return ray.data.RandomSeedConfig(seed=stream_seed(seed, stream), reseed_after_execution=True)
 
 
 def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0, start_epoch: int = 0,
@@ -185,13 +183,13 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
 
     Every epoch is a function of (seed, epoch): the files (uncached) or blocks (cached) come in a
     seeded order, rows keep that order (``preserve_order``, so not the order tasks finish in), and
-    each row's augmentation is seeded by :func:`row_seed`; the workers' seeded local shuffle buffer
+    each row's augmentation is seeded by its stored index; the workers' seeded local shuffle buffer
     (:func:`epoch_batches`) then mixes rows across blocks. The first execution is epoch
     ``start_epoch``, so a resumed run reads what the uninterrupted run would have read."""
     manifest = load_manifest(dataset_dir)
     ds = read_split(dataset_dir, "train", data.cache_in_memory, seed=seed)
     if isinstance(ds, MaterializedDataset):
-        ds = ds.randomize_block_order(seed=_per_epoch(seed))
+        ds = ds.randomize_block_order(seed=_per_epoch(seed, "block_order"))
     if generated_dir is not None and finetune:
         ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory, seed)
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
@@ -226,8 +224,8 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     wanted = int(round(n_real * fraction / (1 - fraction)))
     generated = read_split(generated_dir, "train", cache_in_memory, seed=seed).map_batches(_generated_index)
     if wanted < n_gen_available:
-        generated = generated.random_sample(wanted / n_gen_available, seed=_per_epoch(seed))
-    return real.union(generated).random_shuffle(seed=_per_epoch(seed))
+        generated = generated.random_sample(wanted / n_gen_available, seed=_per_epoch(seed, "generated"))
+    return real.union(generated).random_shuffle(seed=_per_epoch(seed, "generated"))
 
 
 def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
@@ -247,7 +245,7 @@ def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
     per_class = np.floor(quota).astype(int)
     extra = np.argsort(-(quota - per_class), kind="stable")[:images - per_class.sum()]
     per_class[extra] += 1
-    rng = np.random.default_rng([seed, 0x7A11D])
+    rng = np.random.default_rng(stream_seed(seed, "split"))
     chosen = [rng.choice(indices[labels == c], size=n, replace=False) for c, n in zip(classes, per_class)]
     return np.sort(np.concatenate(chosen))
 
@@ -275,7 +273,7 @@ def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, e
     buffer = max(data.shuffle_buffer, 2 * batch_size) if data.shuffle_buffer else None
     return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
                                     local_shuffle_buffer_size=buffer,
-                                    local_shuffle_seed=int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+                                    local_shuffle_seed=stream_seed(seed, "shuffle", epoch=epoch, rank=rank)
                                     if buffer else None)
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from mimir.models.mae import MaskedAutoencoder, init_like_mae, patchify, unpatchify
-from mimir.models.registry import ARCHITECTURES, Architecture, cell_size
+from mimir.architectures import ARCHITECTURES, Architecture, cell_size
+from mimir.models.registry import ADAPTERS
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "Classifier", "MaskedAutoencoder", "build_classifier", "build_mae",
@@ -22,7 +23,7 @@ def create_encoder(arch: str, *, img_size: int, patch_size: int, num_classes: in
                    num_heads: int | None = None, in_chans: int = 3, global_pool: str = "token") -> nn.Module:
     """``timm.create_model`` of the architecture at this image and patch size (random init)."""
     spec = ARCHITECTURES[arch]
-    sizes = spec.family.timm_kwargs(spec.default_heads, embed_dim, depth, num_heads)
+    sizes = ADAPTERS[spec.family.name].timm_kwargs(spec.default_heads, embed_dim, depth, num_heads)
     return timm.create_model(spec.timm_name, pretrained=False, img_size=img_size, patch_size=patch_size,
                              num_classes=num_classes, drop_path_rate=drop_path, in_chans=in_chans,
                              global_pool=global_pool, **sizes)
@@ -41,9 +42,9 @@ def build_mae(cfg: Any) -> MaskedAutoencoder:
     if m.init == "mae":
         init_like_mae(encoder)
     return MaskedAutoencoder(
-        encoder, family=ARCHITECTURES[m.arch].family, img_size=cfg.data.img_size, patch_size=m.patch_size,
-        mask_ratio=p.mask_ratio, mask_sampling=p.mask_sampling, mean=cfg.data.mean, std=cfg.data.std,
-        decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+        encoder, adapter=ADAPTERS[ARCHITECTURES[m.arch].family.name], img_size=cfg.data.img_size,
+        patch_size=m.patch_size, mask_ratio=p.mask_ratio, mask_sampling=p.mask_sampling, mean=cfg.data.mean,
+        std=cfg.data.std, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
         mlp_ratio=m.mlp_ratio, norm_pix_loss=p.norm_pix_loss)
 
 

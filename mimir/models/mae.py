@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from mimir.models.registry import FamilyAdapter, cell_size
+from mimir.architectures import cell_size
+from mimir.models.registry import FamilyAdapter
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -105,30 +106,30 @@ def keep_to_mask(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
 class MaskedAutoencoder(nn.Module):
     """MAE over a timm encoder. ``forward(images, keep)`` -> (per-patch prediction, latent z)."""
 
-    def __init__(self, encoder: nn.Module, *, family: FamilyAdapter, img_size: int, patch_size: int,
+    def __init__(self, encoder: nn.Module, *, adapter: FamilyAdapter, img_size: int, patch_size: int,
                  mask_ratio: float, mean: tuple[float, ...], std: tuple[float, ...],
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_pix_loss: bool = True, in_chans: int = 3,
                  mask_sampling: str = "uniform"):
         super().__init__()
         self.encoder = encoder
-        self.family = family
+        self.adapter = adapter
         self.patch_size = patch_size
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
         self.mask_ratio = mask_ratio
-        self.cell = cell_size(mask_ratio) if family.reads_grid and mask_sampling == "grid" else None
+        self.cell = cell_size(mask_ratio) if adapter.family.reads_grid and mask_sampling == "grid" else None
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
         width = encoder.embed_dim
-        if family.sincos_pos_embed:
+        if adapter.family.sincos_pos_embed:
             # MAE's fixed sin-cos embedding; it is a timm parameter, so it is loaded (and may train)
             # in the fine-tuning classifier.
             with torch.no_grad():
-                encoder.pos_embed.copy_(sincos_pos_embed(width, self.grid, cls_token=family.pos_embed_has_cls))
+                encoder.pos_embed.copy_(sincos_pos_embed(width, self.grid, cls_token=adapter.family.pos_embed_has_cls))
             encoder.pos_embed.requires_grad_(False)
 
         self.decoder_embed = nn.Linear(width, decoder_dim)
@@ -175,7 +176,7 @@ class MaskedAutoencoder(nn.Module):
 
     def encode(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Latent z of the visible patches: (B, 1 + L_keep, D), class token first."""
-        z = self.family.encode_visible(self.encoder, self.normalize(images), keep)
+        z = self.adapter.encode_visible(self.encoder, self.normalize(images), keep)
         return self.encoder.norm(z)
 
     def decode(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

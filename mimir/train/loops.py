@@ -17,7 +17,6 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +27,7 @@ from mimir.data.pipeline import epoch_batches
 from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
+from mimir.seeding import stream_seed
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
 from mimir.train.steps import (Precision, compile_forward, finetune_optimizer, finetune_step, lr_at,
                                mi_gradient_share, pretrain_optimizer, pretrain_step, set_lr, unwrap,
@@ -67,12 +67,6 @@ def no_effect_warning(report: dict[str, float], warmup_epochs: float) -> str | N
             "lambdas were tuned with (pretrain.mi.estimator=hsic_cca).")
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The worker's torch seed for one epoch (masks, attack starts, drop path): drawn anew per epoch,
-    so a run resumed at epoch k draws what the uninterrupted run drew, with no saved RNG state."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
-
-
 def _worker_setup(cfg: RunConfig) -> torch.device:
     ctx = ray.train.get_context()
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
@@ -80,7 +74,7 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
         logging.getLogger().setLevel(logging.WARNING)
     if cfg.scaling.deterministic:
         use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
+    torch.manual_seed(stream_seed(cfg.seed, "init"))  # DDP would broadcast rank 0's weights anyway
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     return ray.train.torch.get_device()
 
@@ -135,7 +129,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
     progress = None
     warned_no_effect = False
     for epoch in range(start_epoch, optim_cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        torch.manual_seed(stream_seed(cfg.seed, "step", epoch=epoch, rank=rank))
         model.train()
         sums: Metrics = {}
         epoch_values: Metrics = {}

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimir.data.format import DatasetError, DatasetSpec, check_folder_name, check_target, write_dataset
+from mimir.data.format import DatasetSpec, check_folder_name, check_target, write_dataset
+from mimir.errors import DatasetError
 from mimir.data.sources.cifar10 import cifar10_spec, download_cifar10
 from mimir.data.sources.generated import generated_spec
 from mimir.data.sources.imagenet import imagenet_spec

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mimir.data.format import DatasetError, DatasetSpec
+from mimir.data.format import DatasetSpec
+from mimir.errors import DatasetError
 from mimir.data.sources.folders import require_dir
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimir.data.format import (MANIFEST_NAME, DatasetError, DatasetSpec, default_data_dir, is_prepared,
-                               write_dataset)
+from mimir.data.format import MANIFEST_NAME, DatasetSpec, default_data_dir, is_prepared, write_dataset
+from mimir.errors import DatasetError
 
 DIGITS_SHAPE = (16, 16, 3)
 DIGITS_CLASSES = [str(i) for i in range(10)]

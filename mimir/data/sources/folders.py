@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimir.data.format import DatasetError, Row, in_stored_order
+from mimir.data.format import Row, in_stored_order
+from mimir.errors import DatasetError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 

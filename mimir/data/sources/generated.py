@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mimir.data.format import DatasetError, DatasetSpec
+from mimir.data.format import DatasetSpec
+from mimir.errors import DatasetError
 
 
 def generated_spec(path: Path) -> DatasetSpec:

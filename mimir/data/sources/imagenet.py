@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimir.data.format import DatasetError, DatasetSpec
+from mimir.data.format import DatasetSpec
+from mimir.errors import DatasetError
 from mimir.data.sources.folders import encoded_rows, labelled_files, require_dir
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimir.data.format import DatasetError, DatasetSpec, in_stored_order
+from mimir.data.format import DatasetSpec, in_stored_order
+from mimir.errors import DatasetError
 from mimir.data.sources.folders import decoded_rows, labelled_files, read_lines, require_dir
 
 _TINY_SHAPE = (64, 64, 3)
