@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimir.config import RunConfig, build_config, deep_merge, parse_overrides
+from mimir.config import RunConfig, build_config, deep_merge, find_file, load_config, parse_overrides
 from mimir.errors import ConfigError
 from mimir.memory import (MeasuredStep, check_memory, estimate_memory, fixed_batch, memory_kind, stage_step,
                           step_memory_mb)
@@ -86,12 +86,31 @@ def main(args: argparse.Namespace) -> int:
 
 
 # -- configs ------------------------------------------------------------------------------------
+SHAPE_DEFAULTS = {"arch": "vit_tiny", "img_size": 32, "patch_size": 2, "batch": 512}
+
+
 def _base_raw(args: argparse.Namespace) -> dict[str, Any]:
-    raw = {"data": {"img_size": args.img_size},
-           "model": {"arch": args.arch, "patch_size": args.patch_size},
-           "pretrain": {"batch_size": args.batch},
-           "finetune": {"batch_size": args.batch},
-           "scaling": {"precision": args.precision, "use_gpu": args.device == "cuda"}}
+    """What every method shares: the model, image size and precision of ``--config`` (a run config,
+    whose pre-training batch is the default batch) or of the flags; a flag given explicitly wins.
+    The resolved values are written back into ``args``, so the report names them."""
+    raw: dict[str, Any] = {}
+    if args.config:
+        cfg = load_config(find_file("configs", args.config))
+        raw = {"data": {"img_size": cfg.data.img_size}, "model": cfg.model.model_dump(mode="json"),
+               "scaling": {"precision": cfg.scaling.precision}}
+        given = {"arch": cfg.model.arch, "img_size": cfg.data.img_size, "patch_size": cfg.model.patch_size,
+                 "batch": cfg.pretrain.batch_size, "precision": cfg.scaling.precision}
+        for name, value in given.items():
+            if getattr(args, name) in (None, "auto"):
+                setattr(args, name, value)
+    for name, value in SHAPE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    raw = deep_merge(raw, {"data": {"img_size": args.img_size},
+                           "model": {"arch": args.arch, "patch_size": args.patch_size},
+                           "pretrain": {"batch_size": args.batch},
+                           "finetune": {"batch_size": args.batch},
+                           "scaling": {"precision": args.precision, "use_gpu": args.device == "cuda"}})
     return deep_merge(raw, parse_overrides(args.overrides))
 
 
@@ -170,7 +189,7 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time every selected method (and the MI penalty alone); returns the JSON report."""
     device = _device(args)
-    raw = _base_raw(args)
+    raw = _base_raw(args)  # resolves args.img_size and args.batch
     methods = _selected(args.methods)
     configs = {m: method_config(raw, m) for m in methods}
     images, labels = fixed_batch(args.batch, args.img_size, device)

@@ -149,10 +149,14 @@ def _add_bench_parser(sub: Any, verbosity: argparse.ArgumentParser) -> None:
                        parents=[verbosity], description=_module_doc("mimir.bench"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for every method, e.g. model.embed_dim=64 model.depth=4")
-    p.add_argument("--arch", default="vit_tiny", help="encoder architecture (default vit_tiny)")
-    p.add_argument("--img-size", type=_positive, default=32)
-    p.add_argument("--patch-size", type=_positive, default=2)
-    p.add_argument("--batch", type=_positive, default=512, help="images per step, every method")
+    p.add_argument("--config", help="time the model, image size and precision of this run config (a path or a bundled "
+                                     "name such as quickstart; its pre-training batch is the default --batch): "
+                                     "`mimir sweep --plan --costs` prices that config's trials from the report")
+    p.add_argument("--arch", help="encoder architecture (default vit_tiny, or --config's)")
+    p.add_argument("--img-size", type=_positive, help="default 32, or --config's")
+    p.add_argument("--patch-size", type=_positive, help="default 2, or --config's")
+    p.add_argument("--batch", type=_positive, help="images per step, every method (default 512, or --config's "
+                                                   "pre-training batch)")
     p.add_argument("--steps", type=_positive, default=3, help="timed steps per method and round")
     p.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=_at_least(0), default=1, help="untimed steps per method before round 1")
@@ -235,8 +239,11 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "the cluster, and the estimated GPU-hours and wall time")
     p.add_argument("--cluster", metavar="FILE", help="with --plan: a Ray cluster launcher YAML or KubeRay "
                    "RayCluster / RayJob to check the resources against (default: the cluster RAY_ADDRESS names)")
-    p.add_argument("--costs", metavar="BENCH_JSON", help="with --plan: per-epoch costs from a `mimir bench --out` "
-                   "report of your hardware (default: the paper's Table 10, 4 × RTX A6000)")
+    p.add_argument("--costs", metavar="BENCH_JSON", nargs="+",
+                   help="with --plan: price the trials from `mimir bench --config CONFIG --out` reports of your "
+                        "hardware, each for the model, image size, precision and device it measured (a report "
+                        "for another is refused); default: GPU trials from the paper's Table 10 (RTX A6000), "
+                        "CPU trials not priced")
     p.set_defaults(handler=run_sweep_command)
 
 

@@ -1,5 +1,5 @@
 """What a run costs: seconds per epoch of each training stage and seconds of its evaluation, from the
-paper's Table 10, or rescaled to the user's own device by a ``mimir bench --out`` report.
+paper's Table 10, or measured on the user's own device for one model by a ``mimir bench --out`` report.
 
 Table 10 gives seconds per epoch on 4 RTX A6000 GPUs for ViT-S, ViT-B and ConViT-S on CIFAR-10,
 Tiny-ImageNet and ImageNet-1K, for MAE and MIMIR pre-training and PGD-10 and FastAT fine-tuning.
@@ -14,15 +14,17 @@ Everything else is extrapolated from it, by rules stated where they are applied:
   evaluation (PGD-k: k steps, AutoAttack: ``AUTOATTACK_STEPS``); a pre-training attack step costs
   MIMIR - MAE (the 1-step attack with the MI penalty).
 
-Costs are device-seconds: seconds of one device (an A6000 unless a bench report says otherwise). A
-stage that runs on g devices takes device-seconds / g of wall time.
+A bench report prices only the runs it measured: the same model, image size, precision and kind of
+device (:data:`MEASURED_FIELDS`); its seconds per image of each method replace Table 10's, and the
+rules above for attack steps stay. Costs are device-seconds: seconds of one device. A stage that runs
+on g devices takes device-seconds / g of wall time, plus its fixed start-up (:func:`stage_overhead`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,50 +134,80 @@ def table10_seconds(cfg: RunConfig, method: str, finetune: bool) -> float:
             * tokens / paper.tokens)
 
 
-def attack_step_seconds(cfg: RunConfig) -> float:
-    """Device-seconds of one attack step (forward and input gradient) on one image."""
-    per_epoch = (table10_seconds(cfg, "pgd10_at", True) - table10_seconds(cfg, "fast_at", True)) / 9
-    return per_epoch * PAPER_DEVICES / epoch_images(cfg, True)
-
-
 @dataclass(frozen=True)
 class Device:
-    """The device costs are in: Table 10's A6000, or the one a ``mimir bench`` report measured, with
-    the factor per Table 10 method from A6000-seconds to its own seconds."""
+    """The device a trial is priced on: Table 10's A6000 (``per_image`` empty: extrapolated from the
+    paper as this module says), or the one a ``mimir bench --out`` report measured for one model,
+    image size and precision (``per_image``: seconds per image of each Table 10 method on one device,
+    ``measured``: the settings it was measured at, :data:`MEASURED_FIELDS`)."""
+
     name: str
-    factors: dict[str, float]
     source: str
+    kind: str = "cuda"  # cuda or cpu
+    per_image: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
 
-    def factor(self, method: str) -> float:
-        return self.factors.get(method, self.factors.get("mimir", 1.0))
+
+PAPER = Device(PAPER_DEVICE, "the paper's Table 10 (seconds per epoch on 4 RTX A6000)")
+# what a step's cost depends on: a bench report prices only trials that match it in all of them
+MEASURED_FIELDS = ("model.arch", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
+                   "model.mlp_ratio", "model.decoder_dim", "model.decoder_depth", "model.decoder_heads",
+                   "data.img_size", "precision", "device")
 
 
-PAPER = Device(PAPER_DEVICE, {}, "the paper's Table 10 (seconds per epoch on 4 RTX A6000)")
+def measured_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The :data:`MEASURED_FIELDS` of a config (precision resolved for its device)."""
+    kind = "cuda" if cfg.scaling.use_gpu else "cpu"
+    precision = cfg.scaling.precision
+    if precision == "auto":
+        precision = "fp16" if kind == "cuda" else "fp32"
+    dumped = cfg.model_dump(mode="json")
+    values = {f: dumped[f.split(".")[0]][f.split(".")[1]] for f in MEASURED_FIELDS if "." in f}
+    return {**values, "precision": precision, "device": kind}
+
+
+def differences(device: Device, cfg: RunConfig) -> list[str]:
+    """What a bench report was measured at that this config does not run at (empty: it prices it)."""
+    wanted = measured_settings(cfg)
+    return [f"{f} {device.measured.get(f)} (the config: {wanted[f]})" for f in MEASURED_FIELDS
+            if device.measured.get(f) != wanted[f]]
 
 
 def bench_device(path: str | Path) -> Device:
-    """The device of a ``mimir bench --out`` report: per method, its measured seconds per image over
-    what Table 10 predicts on one A6000 for the bench's own config."""
+    """The device of a ``mimir bench --out`` report: its seconds per image of each Table 10 method,
+    for the model, image size, precision and device it measured."""
     try:
         report = json.loads(Path(path).read_text())
         cfg = RunConfig.model_validate(report["config"])
         batch, methods, machine = report["arguments"]["batch"], report["methods"], report["machine"]
+        per_image = {m: methods[m]["median_s"] / batch for m in METHODS if m in methods}
     except FileNotFoundError:
-        raise ConfigError(f"--costs {path}: no such file (write one with `mimir bench --out {path}`)") from None
+        raise ConfigError(f"--costs {path}: no such file (write one with `mimir bench --config CONFIG --out {path}`)"
+                          ) from None
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"--costs {path}: not a `mimir bench --out` report ({type(err).__name__}: {err})") from None
-    factors = {}
-    for method, row in methods.items():
-        if method in METHODS:
-            finetune = row["stage"] == "finetune"
-            predicted = table10_seconds(cfg, method, finetune) * PAPER_DEVICES / epoch_images(cfg, finetune)
-            factors[method] = row["median_s"] / batch / predicted
-    if "mimir" not in factors:
-        raise ConfigError(f"--costs {path}: the report has no timing of mimir")
-    device = machine.get("device", "?")
-    name = f"{device} ({machine.get('processor') or machine.get('platform', '')})" if device == "cpu" else device
-    return Device(name, factors, f"`mimir bench` report {path} ({cfg.model.arch}, {cfg.data.img_size} px, "
-                                 f"batch {batch})")
+    missing = [m for m in METHODS if m not in per_image]
+    if missing:
+        raise ConfigError(f"--costs {path}: the report has no timing of {', '.join(missing)}, which the costs of a "
+                          "run are made of; measure every method (`mimir bench` without --methods)")
+    measured = measured_settings(cfg)  # the bench's config runs on the device it measured
+    name = machine.get("device_name") or (f"CPU ({machine.get('processor') or machine.get('platform', '')}, "
+                                          f"{machine.get('torch_threads', '?')} threads)")
+    return Device(name, f"`mimir bench` report {path}", measured["device"], per_image, measured)
+
+
+def epoch_seconds(cfg: RunConfig, method: str, finetune: bool, device: Device = PAPER) -> float:
+    """Device-seconds of one epoch of a Table 10 method for this config: measured per image by a
+    bench report of this very model, or Table 10 (4 GPUs) extrapolated."""
+    if device.per_image:
+        return device.per_image[method] * epoch_images(cfg, finetune)
+    return table10_seconds(cfg, method, finetune) * PAPER_DEVICES
+
+
+def attack_step_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
+    """Device-seconds of one attack step (forward and input gradient) on one image."""
+    per_epoch = (epoch_seconds(cfg, "pgd10_at", True, device) - epoch_seconds(cfg, "fast_at", True, device)) / 9
+    return per_epoch / epoch_images(cfg, True)
 
 
 @dataclass(frozen=True)
@@ -188,25 +220,22 @@ class StageCosts:
 
 def pretrain_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
     """The whole pre-training: MAE's epoch plus MIMIR - MAE per attack step (the MI penalty included)."""
-    mae, mimir = table10_seconds(cfg, "mae", False), table10_seconds(cfg, "mimir", False)
-    steps = cfg.pretrain.attack.steps
-    epoch = mae + steps * (mimir - mae)
-    return epoch * PAPER_DEVICES * cfg.pretrain.epochs * device.factor("mimir" if steps else "mae")
+    mae, mimir = epoch_seconds(cfg, "mae", False, device), epoch_seconds(cfg, "mimir", False, device)
+    return (mae + cfg.pretrain.attack.steps * (mimir - mae)) * cfg.pretrain.epochs
 
 
 def finetune_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
     """The whole fine-tuning: FastAT's epoch without its attack step, plus its attack steps (TRADES and
     MART take one more pass), plus the validations."""
     f = cfg.finetune
-    pgd, fast = table10_seconds(cfg, "pgd10_at", True), table10_seconds(cfg, "fast_at", True)
+    pgd, fast = epoch_seconds(cfg, "pgd10_at", True, device), epoch_seconds(cfg, "fast_at", True, device)
     step = (pgd - fast) / 9
     steps = {"clean": 0, "fast": 1, "pgd": f.attack.steps, "trades": f.attack.steps + 1,
              "mart": f.attack.steps + 1}[f.method]
-    epoch = (fast - step + steps * step) * PAPER_DEVICES
+    epoch = fast - step + steps * step
     validations = math.ceil(f.epochs / f.validation.every) if f.validation.images else 0
-    validation = f.validation.images * (f.validation.attack_steps + 1) * attack_step_seconds(cfg)
-    method = "fast_at" if f.method in ("fast", "clean") else "pgd10_at"
-    return (epoch * f.epochs + validation * validations) * device.factor(method)
+    validation = f.validation.images * (f.validation.attack_steps + 1) * attack_step_seconds(cfg, device)
+    return epoch * f.epochs + validation * validations
 
 
 def evaluate_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
@@ -215,7 +244,7 @@ def evaluate_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
     size = dataset_size(cfg) or DATASETS[_column(cfg)]
     images = min(size.test, cfg.evaluate.num_images or size.test)
     steps = sum(ATTACK_STEPS.get(a, cfg.evaluate.adaptive_steps) for a in cfg.evaluate.attacks)
-    return images * steps * attack_step_seconds(cfg) * device.factor("pgd10_at")
+    return images * steps * attack_step_seconds(cfg, device)
 
 
 def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> float:
@@ -224,7 +253,25 @@ def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> fl
     size = dataset_size(cfg) or DATASETS[_column(cfg)]
     images = min(size.test, settings.num_images)
     per_image = sum(0.5 + (settings.attack_steps if kind == "adversarial" else 0) for kind in settings.inputs)
-    return settings.steps ** 2 * images * per_image * attack_step_seconds(cfg) * device.factor("pgd10_at")
+    return settings.steps ** 2 * images * per_image * attack_step_seconds(cfg, device)
+
+
+# Wall seconds a stage spends outside its computation on a local Ray (a TorchTrainer's controller and
+# worker processes starting, the first Ray Data execution, checkpoints, teardown), and each epoch's
+# wait for its data; the evaluation task's start and test-split read. Measured on the quickstart on a
+# 2-core machine (docs/performance.md); a cluster's are of the same order, small against its epochs.
+STAGE_START_SECONDS = 40.0
+EPOCH_WAIT_SECONDS = 0.5
+EVALUATE_START_SECONDS = 9.0
+
+
+def stage_overhead(cfg: RunConfig, *, pretrain: bool = True, finetune: bool = True) -> StageCosts:
+    """Wall seconds of each stage outside its computation (0 for a stage it does not run)."""
+    def training(epochs: int) -> float:
+        return STAGE_START_SECONDS + EPOCH_WAIT_SECONDS * epochs
+
+    return StageCosts(training(cfg.pretrain.epochs) if pretrain and cfg.pretrain.enabled else 0.0,
+                      training(cfg.finetune.epochs) if finetune else 0.0, EVALUATE_START_SECONDS)
 
 
 def run_costs(cfg: RunConfig, device: Device = PAPER, *, pretrain: bool = True, finetune: bool = True) -> StageCosts:

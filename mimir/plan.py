@@ -5,8 +5,10 @@ pre-training (the sweep's cache), and evaluation-only rows train nothing, so the
 pre-trainings, fine-tunings and evaluations that will really run. Each trial's resources are checked
 against a cluster: a Ray cluster launcher YAML or a KubeRay RayCluster / RayJob given with
 ``--cluster FILE``, or, with RAY_ADDRESS set, the cluster it names (a plan never starts Ray). The
-GPU-hours and wall time come from ``mimir.costs``: the paper's Table 10, or a ``mimir bench --out``
-report of the user's own hardware.
+device-hours and wall time come from ``mimir.costs``, each trial priced on the device it runs on: a
+``mimir bench --out`` report of that trial's model on that device (``--costs``), else for GPU trials
+the paper's Table 10 (RTX A6000s); CPU trials without a report are not priced (Table 10 says
+nothing of CPUs). Wall times add each stage's fixed start-up (``mimir.costs.stage_overhead``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from mimir.config import RunConfig
+from mimir.config import RunConfig, find_file
+from mimir.costs import (PAPER, Device, StageCosts, bench_device, differences, run_costs, stage_overhead,
+                         surface_seconds)
 from mimir.errors import ConfigError
-from mimir.costs import PAPER, Device, StageCosts, bench_device, run_costs, surface_seconds
 from mimir.spec import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
                         trial_config, trial_identity)
 
@@ -38,10 +41,16 @@ class TrialPlan:
     pretrain_hash: str | None  # None: no pre-training (disabled, or an evaluation-only row)
     trains_pretrain: bool  # the first trial of its hash: it pre-trains, the others reuse it
     finetunes: bool
-    costs: StageCosts
+    costs: StageCosts  # device-seconds of computation (zeros when not priced)
+    overhead: StageCosts  # wall seconds of each stage's start-up and data waits
+    device: Device | None  # what it is priced on; None: not priced (a CPU trial without a bench report)
     worker: Bundle  # one training worker's bundle
     workers: int
     evaluates: str | None = None  # the source an evaluation-only row evaluates, and whether it is there
+
+    def wall(self, stage: str) -> float:
+        """Wall seconds of one stage of this trial on its own devices."""
+        return getattr(self.costs, stage) / self.devices(stage) + getattr(self.overhead, stage)
 
     def devices(self, stage: str) -> float:
         """Devices a stage runs on: the workers' GPUs (or, on CPUs, the workers), one task's in evaluation."""
@@ -62,7 +71,6 @@ class Plan:
     spec_path: str
     trials: list[TrialPlan]
     quoted: int
-    device: Device
     cluster: ClusterCheck | None
     fits: dict[str, int]  # trial label -> copies the cluster runs at once (0: never)
     wall_seconds: float
@@ -82,9 +90,19 @@ class Plan:
 
     @property
     def device_hours(self) -> float:
+        """Device-hours of the priced trials."""
         seconds = sum((t.costs.pretrain if t.trains_pretrain else 0.0) + t.costs.finetune + t.costs.evaluate
                       for t in self.trials)
         return seconds * self.spec.seeds / 3600
+
+    @property
+    def devices(self) -> list[Device]:
+        """The devices the trials are priced on, each once."""
+        return list({id(t.device): t.device for t in self.trials if t.device is not None}.values())
+
+    @property
+    def unpriced(self) -> list[str]:
+        return [t.label for t in self.trials if t.device is None]
 
     @property
     def infeasible(self) -> list[str]:
@@ -215,7 +233,25 @@ def copies_that_fit(cluster: ClusterCheck, bundles: list[Bundle], most: int) -> 
 
 
 # -- the plan ------------------------------------------------------------------------------------
-def _trials(spec: SweepSpec, base: dict[str, Any], device: Device, experiment: Path) -> tuple[list[TrialPlan], list[str]]:
+def pricing_device(cfg: RunConfig, benches: list[Device], label: str) -> Device | None:
+    """The device a trial is priced on: the bench report measured for its model on its kind of device,
+    else Table 10 for a GPU trial and nothing for a CPU one. A report of the trial's kind of device
+    that was measured for another model, image size or precision is refused, with what differs."""
+    kind = "cuda" if cfg.scaling.use_gpu else "cpu"
+    of_kind = [b for b in benches if b.kind == kind]
+    for bench in of_kind:
+        if not differences(bench, cfg):
+            return bench
+    if of_kind:
+        raise ConfigError(f"--costs: {of_kind[0].source} was measured for another run than trial {label!r}: "
+                          f"{'; '.join(differences(of_kind[0], cfg))}. Measure that config "
+                          "(`mimir bench --config CONFIG --out FILE`, the trial's model overrides after it) "
+                          "and pass both reports")
+    return PAPER if kind == "cuda" else None
+
+
+def _trials(spec: SweepSpec, base: dict[str, Any], benches: list[Device],
+            experiment: Path) -> tuple[list[TrialPlan], list[str]]:
     notes = []
     if spec.sampler == "tpe":
         sampled = [k for k in spec.space if k.startswith(TRAINING_KEYS)]
@@ -246,12 +282,26 @@ def _trials(spec: SweepSpec, base: dict[str, Any], device: Device, experiment: P
         first = key is not None and key not in seen
         if first:
             seen[key] = label
-        costs = run_costs(cfg, device, pretrain=first, finetune=trains)
+        device = pricing_device(cfg, benches, label)
+        costs = run_costs(cfg, device or PAPER, pretrain=first, finetune=trains)
         if spec.surface is not None and trains:  # each trained trial also computes its loss surface
-            costs = dataclasses.replace(costs, evaluate=costs.evaluate + surface_seconds(cfg, spec.surface, device))
-        trials.append(TrialPlan(label, cfg, key, first, trains, costs, worker_bundle(cfg), cfg.scaling.num_workers,
-                                evaluates))
+            costs = dataclasses.replace(costs, evaluate=costs.evaluate + surface_seconds(cfg, spec.surface,
+                                                                                         device or PAPER))
+        if device is None:
+            costs = StageCosts(0.0, 0.0, 0.0)
+        overhead = stage_overhead(cfg, pretrain=first, finetune=trains)
+        trials.append(TrialPlan(label, cfg, key, first, trains, costs, overhead, device, worker_bundle(cfg),
+                                cfg.scaling.num_workers, evaluates))
     return trials, notes
+
+
+def _base_name(spec_path: str | Path, spec: SweepSpec) -> str:
+    """How a user names the spec's base config: its bundled name, else its path."""
+    base = (find_file("tune", spec_path).parent / spec.base).resolve()
+    try:
+        return base.stem if find_file("configs", base.stem).resolve() == base else str(base)
+    except ConfigError:  # no bundled config of that name
+        return str(base)
 
 
 def _wall_seconds(trials: list[TrialPlan], slots: int) -> float:
@@ -263,35 +313,41 @@ def _wall_seconds(trials: list[TrialPlan], slots: int) -> float:
         t = free_at[slot]
         if trial.pretrain_hash is not None:
             if trial.trains_pretrain:
-                t += trial.costs.pretrain / trial.devices("pretrain")
+                t += trial.wall("pretrain")
                 pretrained_at[trial.pretrain_hash] = t
             else:
                 t = max(t, pretrained_at.get(trial.pretrain_hash, t))
-        t += trial.costs.finetune / trial.devices("finetune") + trial.costs.evaluate / trial.devices("evaluate")
+        t += trial.wall("finetune") + trial.wall("evaluate")
         free_at[slot] = t
     return max(free_at)
 
 
 def plan_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | None = None, tiny: bool = False,
-               max_concurrent: int | None = None, costs: str | Path | None = None,
+               max_concurrent: int | None = None, costs: str | Path | list[str | Path] | None = None,
                cluster: str | Path | None = None) -> Plan:
     """The plan of ``mimir sweep SPEC``: its trials, what they share, their resources checked against
     the cluster (``cluster``: a file; else the connected one, if any) and their cost (``costs``: a
     ``mimir bench --out`` report; else Table 10)."""
     spec, base = load_command_spec(spec_path, overrides, tiny=tiny, max_concurrent=max_concurrent)
-    device = bench_device(costs) if costs else PAPER
-    trials, notes = _trials(spec, base, device, experiment_dir(spec, out))
+    benches = [bench_device(path) for path in ([costs] if isinstance(costs, (str, Path)) else costs or [])]
+    trials, notes = _trials(spec, base, benches, experiment_dir(spec, out))
+    unused = [b for b in benches if all(t.device is not b for t in trials)]
+    if unused and trials:
+        why = "; ".join(differences(unused[0], trials[0].config))
+        raise ConfigError(f"--costs: {unused[0].source} prices none of this sweep's trials (against trial "
+                          f"{trials[0].label!r}: {why})")
     check = cluster_from_file(cluster) if cluster else connected_cluster()
     fits = {}
     for t in trials:
         bundles = [dict(t.worker) for _ in range(t.workers)]
         fits[t.label] = copies_that_fit(check, bundles, spec.max_concurrent) if check else spec.max_concurrent
     slots = min(fits.values(), default=1) or 1
-    if any(not t.worker.get("GPU") for t in trials) and device is PAPER:
-        notes.append("trials without GPUs are priced as on an A6000 (Table 10 has no CPU figures); measure this "
-                     "machine with `mimir bench --device cpu --out bench.json` and pass --costs bench.json")
+    if any(t.device is None for t in trials):
+        notes.append("trials on CPUs are not priced: Table 10 has no CPU figures. Measure this machine on the "
+                     f"spec's config (`mimir bench --config {_base_name(spec_path, spec)} --device cpu --out "
+                     "bench-cpu.json`, about a minute) and pass --costs bench-cpu.json")
     quoted = sum(r.quoted is not None for r in spec.rows)
-    return Plan(spec, str(spec_path), trials, quoted, device, check, fits, _wall_seconds(trials, slots) * spec.seeds,
+    return Plan(spec, str(spec_path), trials, quoted, check, fits, _wall_seconds(trials, slots) * spec.seeds,
                 notes + (check.notes if check else []))
 
 
@@ -317,7 +373,6 @@ def _hours(seconds: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     spec = plan.spec
-    unit = "GPU-h" if plan.device is PAPER else "device-h"
     lines = [f"Plan of {spec.title or spec.name} ({plan.spec_path})", "",
              f"trials: {len(plan.trials)}" + (f" × {spec.seeds} seeds" if spec.seeds > 1 else "")
              + (f", plus {plan.quoted} rows quoted from other papers (shown, not run)" if plan.quoted else ""),
@@ -329,22 +384,28 @@ def format_plan(plan: Plan) -> str:
             shared.setdefault(t.pretrain_hash, []).append(t.label)
     lines += [f"  one pre-training ({key.split('#')[0]}) for: {'; '.join(labels)}"
               for key, labels in shared.items() if len(labels) > 1]
-    lines += ["", f"costs from {plan.device.source}, in {plan.device.name}-hours ({unit}); wall = on the trial's "
-                  "own devices", "",
-              f"| trial | workers × resources | pre-train ep | fine-tune ep | pre-train {unit} | fine-tune {unit} "
-              f"| evaluate {unit} | trial wall |", "|---|---|---|---|---|---|---|---|"]
+    tags = {id(d): f"[{n}]" for n, d in enumerate(plan.devices, 1)}
+    lines += ["", "costs in hours of the device each trial runs on (device-h); wall = on the trial's own devices, "
+                  "with each stage's start-up:"]
+    lines += [f"  {tags[id(d)]} {d.name}: {d.source}" for d in plan.devices]
+    lines += ["", "| trial | workers × resources | pre-train ep | fine-tune ep | pre-train device-h "
+                  "| fine-tune device-h | evaluate device-h | trial wall | priced on |", "|---|---|---|---|---|---|---|---|---|"]
     for t in plan.trials:
-        pre = (_hours(t.costs.pretrain) if t.trains_pretrain else "shared" if t.pretrain_hash else "—")
-        wall = ((t.costs.pretrain / t.devices("pretrain") if t.trains_pretrain else 0.0)
-                + t.costs.finetune / t.devices("finetune") + t.costs.evaluate / t.devices("evaluate"))
+        priced = t.device is not None
+        pre = (_hours(t.costs.pretrain) if t.trains_pretrain and priced else "shared" if t.pretrain_hash and
+               not t.trains_pretrain else "—")
+        stages = ("pretrain",) * t.trains_pretrain + ("finetune", "evaluate")
         cfg = t.config
         lines.append(f"| {t.label}{' ← ' + t.evaluates if t.evaluates else ''} | {t.workers} × {_bundle(t.worker)} "
                      f"| {cfg.pretrain.epochs if t.trains_pretrain else '—'} "
                      f"| {cfg.finetune.epochs if t.finetunes else '—'} | {pre} "
-                     f"| {_hours(t.costs.finetune) if t.finetunes else '—'} | {_hours(t.costs.evaluate)} "
-                     f"| {duration(wall)} |")
-    lines += ["", f"total: {plan.device_hours:,.1f} {unit}; wall ≈ {duration(plan.wall_seconds)} with "
-                  f"max_concurrent {spec.max_concurrent}"
+                     f"| {_hours(t.costs.finetune) if t.finetunes and priced else '—'} "
+                     f"| {_hours(t.costs.evaluate) if priced else '—'} "
+                     f"| {duration(sum(t.wall(s) for s in stages)) if priced else '—'} "
+                     f"| {tags[id(t.device)] if priced else 'not priced'} |")
+    wall = (f"wall not known ({len(plan.unpriced)} of {len(plan.trials)} trials not priced)" if plan.unpriced else
+            f"wall ≈ {duration(plan.wall_seconds)}")
+    lines += ["", f"total: {plan.device_hours:,.1f} device-h; {wall} with max_concurrent {spec.max_concurrent}"
                   + (f" (the cluster runs {min(plan.fits.values())} at once)" if plan.cluster and plan.trials else "")]
     if plan.cluster is None:
         lines.append("cluster: not checked (pass --cluster FILE, or set RAY_ADDRESS to check the connected one)")

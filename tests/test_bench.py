@@ -172,3 +172,20 @@ def test_synthetic_jpegs_have_imagenet_sizes():
         with Image.open(io.BytesIO(blob)) as image:
             assert image.format == "JPEG" and 400 <= image.width <= 500 and 300 <= image.height <= 375
         assert 20_000 < len(blob) < 400_000
+
+
+def test_a_bench_of_a_run_config_prices_that_configs_sweep(tmp_path):
+    """`mimir bench --config quickstart` times the quickstart's own model at its image size, and
+    `mimir sweep digits_table7 --plan --costs` prices every trial of the digits Table 7 from it."""
+    from mimir.plan import plan_sweep
+
+    out = tmp_path / "bench-cpu.json"
+    args = _parse(["--config", "quickstart", "--batch", "8", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                   "--device", "cpu", "--out", str(out)])
+    assert args.handler(args) == 0
+    report = json.loads(out.read_text())
+    assert report["arguments"]["img_size"] == 16 and report["arguments"]["patch_size"] == 4
+    assert (report["config"]["model"]["embed_dim"], report["config"]["model"]["depth"]) == (128, 4)
+    plan = plan_sweep("digits_table7", costs=[out])
+    assert not plan.unpriced and plan.device_hours > 0
+    assert all(t.device.kind == "cpu" for t in plan.trials)

@@ -158,7 +158,9 @@ def test_a_plan_counts_the_pretrainings_that_really_run():
     expected = first.pretrain + 5 * (first.finetune + first.evaluate)
     assert table1.device_hours == pytest.approx(expected / 3600)
     # four slots of half a GPU: four trials wait for the one pre-training, the fifth starts when one ends
-    assert table1.wall_seconds == pytest.approx((first.pretrain + 2 * (first.finetune + first.evaluate)) / 0.5)
+    assert table1.wall_seconds == pytest.approx((first.pretrain + 2 * (first.finetune + first.evaluate)) / 0.5
+                                                + table1.trials[0].overhead.pretrain
+                                                + 2 * (table1.trials[0].overhead.finetune + costs.EVALUATE_START_SECONDS))
 
 
 def test_a_seeded_spec_pretrains_once_per_seed():
@@ -171,6 +173,7 @@ def test_the_wall_time_waits_for_a_shared_pretraining():
     trials = plan.trials  # ViT-S ε2 (pre-trains), ViT-S ε4, ViT-B ε2 (pre-trains), ViT-B ε4
     # training on the trial's 4 GPUs, evaluation as one task on one of them
     one_by_one = sum(((t.costs.pretrain if t.trains_pretrain else 0) + t.costs.finetune) / 4 + t.costs.evaluate
+                     + (t.overhead.pretrain if t.trains_pretrain else 0) + t.overhead.finetune + t.overhead.evaluate
                      for t in trials)
     assert _wall_seconds(trials, 1) == pytest.approx(one_by_one)
     # with two slots the second ViT-S trial waits for its pre-training, then both models go in parallel
@@ -212,25 +215,65 @@ def test_cluster_files_are_read_and_trials_that_never_fit_are_named(tmp_path, ca
         cluster_from_file(REPO / "configs" / "quickstart.yaml")
 
 
-def test_a_bench_report_rescales_the_costs_to_its_device(tmp_path):
-    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+def _bench_report(path, cfg, per_image, device="cpu"):
+    """A `mimir bench --out` report of ``cfg``'s model with these seconds per image."""
     batch = 128
-    methods = {}
-    for method in costs.METHODS:
-        finetune = method in ("pgd10_at", "fast_at")
-        a6000 = costs.table10_seconds(cfg, method, finetune) * costs.PAPER_DEVICES / costs.epoch_images(cfg, finetune)
-        methods[method] = {"stage": "finetune" if finetune else "pretrain", "median_s": 3.0 * a6000 * batch}
-    report = tmp_path / "bench.json"
-    report.write_text(json.dumps({"arguments": {"batch": batch}, "machine": {"device": "cuda", "processor": ""},
-                                  "config": cfg.model_dump(mode="json"), "methods": methods}))
-    paper = plan_sweep(spec_path("table7_estimator"))
-    measured = plan_sweep(spec_path("table7_estimator"), costs=report)
-    assert measured.device.factors == pytest.approx({m: 3.0 for m in costs.METHODS})
-    assert measured.device_hours == pytest.approx(3 * paper.device_hours)
-    assert "device-h" in format_plan(measured) and f"`mimir bench` report {report}" in format_plan(measured)
+    methods = {m: {"stage": "finetune" if m in ("pgd10_at", "fast_at") else "pretrain", "median_s": s * batch}
+               for m, s in per_image.items()}
+    bench_cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": device == "cuda"})})
+    path.write_text(json.dumps({"arguments": {"batch": batch}, "machine": {"device": device, "processor": "x86_64"},
+                                "config": bench_cfg.model_dump(mode="json"), "methods": methods}))
+    return path
+
+
+def test_cpu_trials_are_priced_from_a_bench_of_their_own_model_or_not_at_all(tmp_path, capsys):
+    """A CPU report of the quickstart's model prices the digits Table 7 from its seconds per image
+    (Table 10's rules for attack steps on top); without one the plan prices nothing rather than
+    pretend the CPU is an A6000, and says how to measure it."""
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    per_image = {"mae": 1e-3, "mimir": 3e-3, "fast_at": 4e-3, "pgd10_at": 13e-3}  # one attack step: 1e-3
+    report = _bench_report(tmp_path / "cpu.json", cfg, per_image)
+    plan = plan_sweep(spec_path("digits_table7"), costs=[report])
+    mimir_row, no_pretraining = plan.trials[0], plan.trials[-1]
+    assert mimir_row.device.kind == "cpu" and "cpu.json" in mimir_row.device.source
+    assert mimir_row.costs.pretrain == pytest.approx((1e-3 + 1 * 2e-3) * 1347 * 20)  # MAE + one attack step
+    train_rows, validations = 1347, 9  # validation every 3rd of 25 epochs and after the last
+    assert mimir_row.costs.finetune == pytest.approx((4e-3 - 1e-3 + 2 * 1e-3) * train_rows * 25
+                                                    + 150 * 6 * 1e-3 * validations)  # PGD-2; PGD-5 validation
+    assert mimir_row.costs.evaluate == pytest.approx(450 * (1 + 20) * 1e-3)  # natural + PGD-20
+    assert no_pretraining.costs.pretrain == 0 and not plan.unpriced
+    assert main(["sweep", "digits_table7", "--plan", "--costs", str(report)]) == 0
+    assert "[1] CPU (x86_64" in capsys.readouterr().out
+
+    unpriced = plan_sweep(spec_path("digits_table7"))
+    assert unpriced.device_hours == 0 and len(unpriced.unpriced) == 6
+    text = format_plan(unpriced)
+    assert "not priced |" in text and "wall not known (6 of 6 trials not priced)" in text
+    assert "`mimir bench --config quickstart --device cpu --out bench-cpu.json`" in text
+
+    other = _bench_report(tmp_path / "other.json", load_config(REPO / "configs" / "quickstart.yaml",
+                                                               ["model.embed_dim=192", "data.img_size=32"]), per_image)
+    with pytest.raises(ConfigError, match=r"model.embed_dim 192 \(the config: 128\); data.img_size 32 "):
+        plan_sweep(spec_path("digits_table7"), costs=[other])
+    gpu = _bench_report(tmp_path / "gpu.json", cfg, per_image, device="cuda")
+    with pytest.raises(ConfigError, match=r"gpu.json prices none of this sweep's trials .*device cuda \(the config: cpu\)"):
+        plan_sweep(spec_path("digits_table7"), costs=[gpu])
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a `mimir bench --out` report"):
         plan_sweep(spec_path("table7_estimator"), costs=tmp_path / "bad.json")
+
+
+def test_gpu_trials_are_priced_from_table10_or_a_bench_of_their_model(tmp_path):
+    paper = plan_sweep(spec_path("table7_estimator"))
+    assert all(t.device is costs.PAPER for t in paper.trials)
+    assert "[1] NVIDIA RTX A6000: the paper's Table 10" in format_plan(paper)
+    cfg = paper.trials[0].config
+    report = _bench_report(tmp_path / "h100.json", cfg, {"mae": 1e-4, "mimir": 2e-4, "fast_at": 3e-4,
+                                                          "pgd10_at": 12e-4}, device="cuda")
+    measured = plan_sweep(spec_path("table7_estimator"), costs=report)
+    assert all(t.device.kind == "cuda" and t.device is not costs.PAPER for t in measured.trials)
+    assert measured.trials[0].costs.pretrain == pytest.approx(2e-4 * 50_000 * cfg.pretrain.epochs)
+    assert measured.device_hours < paper.device_hours
 
 
 def test_reproduce_list_prints_every_result_with_its_cost(capsys):
