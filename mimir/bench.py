@@ -412,7 +412,8 @@ def measure_ray_overhead(raw: dict[str, Any], epochs: int, batch: int, device: t
 
     from mimir.data.format import read_split_arrays
     from mimir.data.pipeline import resolve_dataset
-    from mimir.runner import init_ray, run_pretrain
+    from mimir.ray_env import init_ray
+    from mimir.trainers import run_pretrain
 
     if epochs < 2:
         raise ConfigError("--ray-epochs must be at least 2 (the first epoch is warm-up and not counted)")

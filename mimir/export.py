@@ -36,7 +36,7 @@ from mimir.errors import ConfigError
 from mimir.metrics import filesystem
 from mimir.evaluation import load_classifier as load_classifier_weights
 from mimir.models import create_encoder
-from mimir.runner import read_stage_record, stage_checkpoint, storage_root
+from mimir.stages import read_stage_record, stage_checkpoint, storage_root
 from mimir.train.checkpoint import STATE, WEIGHTS, load_state, load_weights
 
 STAGES = ("pretrain", "finetune")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from mimir.config import (FAILED, EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge, find_file,
+from mimir.config import (EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge, find_file,
                           flatten, format_errors, load_yaml, nest, parse_overrides)
 from mimir.errors import ConfigError
 from mimir.metrics import check_trackers

@@ -179,7 +179,7 @@ def load_test_subset(cfg: RunConfig, num_images: int) -> tuple[np.ndarray, np.nd
 def _chunk_task(cfg_json: dict[str, Any], checkpoint: Any, settings_json: dict[str, Any], indices: list[int],
                 images: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
     from mimir.evaluation import load_classifier
-    from mimir.runner import quiet_ray_data
+    from mimir.ray_env import quiet_ray_data
 
     quiet_ray_data()
     cfg, settings = RunConfig.model_validate(cfg_json), SurfaceSettings.model_validate(settings_json)
@@ -352,7 +352,7 @@ def settings_from_args(args: Any) -> SurfaceSettings:
 def main(args: Any) -> int:
     """``mimir surface`` handler."""
     from mimir.data.pipeline import resolve_dataset
-    from mimir.runner import init_ray
+    from mimir.ray_env import init_ray
 
     settings = settings_from_args(args)
     checkpoint, cfg = resolve_run(args.run, settings.checkpoint)

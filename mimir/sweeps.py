@@ -29,9 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mimir.config import FAILED
 from mimir.errors import ConfigError
 from mimir.metrics import filesystem
-from mimir.spec import (FAILED, TRIALS, SweepSpec, experiment_dir, find_sources, load_command_spec, source_key,
+from mimir.spec import (TRIALS, SweepSpec, experiment_dir, find_sources, load_command_spec, source_key,
                         trial_config, trial_identity)
 from mimir.surface import sweep_figure, trial_surface
 
@@ -135,7 +136,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
     remedy), in ``trial_dir/retry_lr_div10``. Writes ``trial_dir/results.json``, whose ``retried``
     says whether the retry made them."""
-    from mimir.runner import write_json_atomically
+    from mimir.stages import write_json_atomically
     from mimir.errors import NonFiniteRun
 
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
               run: TrialRunner = run_trial, tune_session: bool = True) -> dict[str, Any]:
     """A trial's point run with ``spec.seeds`` seeds, each reusing its results if it finished before
     an interruption; writes and returns the trial's record (one run's, or their combination)."""
-    from mimir.runner import write_json_atomically
+    from mimir.stages import write_json_atomically
 
     if spec.seeds > 1:
         done = finished_results(cfg, trial_dir)
@@ -223,7 +224,7 @@ def run_grid_trial(point: dict[str, Any], *, base: dict[str, Any], spec: SweepSp
     record, which names the trial's row and group. A failure is written to the trial's folder and
     raised. Returns the config and the record. ``tune_session`` False: outside Tune, so no validation
     epochs are reported to it."""
-    from mimir.runner import record_failure, write_json_atomically
+    from mimir.stages import record_failure, write_json_atomically
 
     identity = trial_identity(spec, point)
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
@@ -256,7 +257,7 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     raised, so Tune records the trial as errored."""
     from ray import tune
 
-    from mimir.runner import quiet_ray_data
+    from mimir.ray_env import quiet_ray_data
 
     quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
@@ -303,7 +304,8 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     class FinalValueSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
-    from mimir.runner import init_ray, pretrain_leases, release_pretrain_leases
+    from mimir.pretrain_cache import pretrain_leases, release_pretrain_leases
+    from mimir.ray_env import init_ray
 
     spec, base = load_command_spec(spec_path, overrides, tiny=tiny, max_concurrent=max_concurrent)
     experiment = experiment_dir(spec, out)
@@ -361,7 +363,7 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
 def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result: Any) -> None:
     """A trial's ``results.json`` (or ``failed.json``) in the experiment folder, from what it reported
     to Tune, where its own process could not write it (it ran on another node of a cluster)."""
-    from mimir.runner import write_json_atomically
+    from mimir.stages import write_json_atomically
 
     # Tune names a trial's folder "<trainable>_<trial id>_<index>_..."; the trainable is "_trainable"
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("_trainable_").split("_")[0]

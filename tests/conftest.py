@@ -36,7 +36,7 @@ def ray_local():
     """One in-process local Ray shared by every test that needs it (starting Ray costs seconds)."""
     import ray
 
-    from mimir.runner import init_ray
+    from mimir.ray_env import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -36,7 +36,8 @@ def main(config: str, data_root: str, out: str) -> None:
     os.environ["RAY_ADDRESS"] = cluster.address  # mimir joins it as it joins any cluster
 
     from mimir.config import load_config
-    from mimir.runner import init_ray, run_pipeline
+    from mimir.ray_env import init_ray
+    from mimir.runner import run_pipeline
 
     storage = Path(out) / "shared"
     cfg = load_config(config, [

@@ -106,7 +106,7 @@ def test_a_terminal_gets_a_bar_through_ray(monkeypatch):
 def test_the_local_rays_processes_poll_ray_train_workers_often(ray_local):
     """Ray Train's controller reads its poll interval from its process's environment: every process
     of the local Ray gets the short one (each TorchTrainer start and stop waits on those polls)."""
-    from mimir.runner import LOCAL_POLL_SECONDS
+    from mimir.ray_env import LOCAL_POLL_SECONDS
 
     @ray_local.remote(num_cpus=0)
     def interval() -> str | None:

@@ -18,7 +18,7 @@ import torch
 
 from conftest import quick_overrides
 import mimir
-from mimir import cli, runner
+from mimir import cli, stages
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, resolve_dataset
 from mimir.evaluation import evaluate_classifier
@@ -131,7 +131,7 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     # every epoch of both stages, the best checkpoint and the test accuracies as in the first run
     again = tmp_path / "b"
     _kill_after_first_finetune_checkpoint(_args(again, data_root), again, ray_local.get_runtime_context().gcs_address)
-    assert runner.read_stage_record(str(again), "finetune") is None  # it really was cut short
+    assert stages.read_stage_record(str(again), "finetune") is None  # it really was cut short
     assert cli.main(["run", *_args(again, data_root), "--resume"]) == 0
     resumed = json.loads((again / "results.json").read_text())
     assert _history(again, "pretrain") == _history(out, "pretrain")

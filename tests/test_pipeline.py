@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import quick_overrides
-from mimir import runner
+from mimir import errors, trainers
 from mimir.config import load_config
 from mimir.data.pipeline import eval_dataset, mix_batch, resolve_dataset, train_dataset
 
@@ -67,8 +67,8 @@ def test_cached_split_is_read_once_and_still_augmented_anew_each_epoch(ray_local
 def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root))
     (tmp_path / "pretrain").mkdir(parents=True)
-    with pytest.raises(runner.StageExistsError, match="--resume"):
-        runner.run_pretrain(cfg)
+    with pytest.raises(errors.StageExistsError, match="--resume"):
+        trainers.run_pretrain(cfg)
 
 
 def test_evaluation_streams_a_large_test_split_in_stored_order(ray_local, tmp_path):
@@ -92,7 +92,7 @@ def test_evaluation_streams_a_large_test_split_in_stored_order(ray_local, tmp_pa
                                    "evaluate.attacks=[natural]", "evaluate.batch_size=64"])
     checkpoint = tmp_path / "finetuned"
     save_checkpoint(checkpoint, build_classifier(cfg, 10), {"num_classes": 10, "epoch": 0})
-    result = runner.run_evaluate(cfg, ray.train.Checkpoint(str(checkpoint)))
+    result = trainers.run_evaluate(cfg, ray.train.Checkpoint(str(checkpoint)))
     assert result["num_images"] == n_test
     # private memory (Ray's shared object store pages a worker touches are not the task's own)
     assert result["private_memory_mb"] is not None and result["private_memory_mb"] < 150, result["private_memory_mb"]

@@ -15,9 +15,10 @@ from mimir.cli import main
 from mimir.config import load_config
 from mimir.errors import ConfigError
 from mimir.plan import _wall_seconds, cluster_from_file, format_plan, plan_sweep
-from mimir.report import markdown_table, table_rows, write_reports
+from mimir.report import write_reports
 from mimir.reproduce import paper_specs, specs_for
-from mimir.spec import FAILED, load_spec, tiny_variant
+from mimir.config import FAILED
+from mimir.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = (REPO / "tune").resolve()  # the bundled specs (mimir/tune; tune/ links there)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mimir import cli, runner
+from mimir import cli, config, errors, pretrain_cache, runner, stages, trainers
 from mimir.config import load_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -19,9 +19,9 @@ def _config(out, *overrides):
 
 def _finish(cfg, stage):
     """Leave a stage record as a finished TorchTrainer stage would."""
-    storage = runner.storage_root(cfg)
+    storage = stages.storage_root(cfg)
     (Path(storage) / stage).mkdir(parents=True, exist_ok=True)
-    runner._write_stage_record(storage, stage, {
+    stages._write_stage_record(storage, stage, {
         "stage": stage, "checkpoint": f"{stage}/checkpoint_x", "metrics": {},
         "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)})
 
@@ -38,30 +38,30 @@ def finished(tmp_path):
 
 def test_the_same_config_reuses_both_stages(finished):
     out, cfg = finished
-    storage = runner.storage_root(cfg)
-    assert runner.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
-    assert runner.check_stage("finetune", cfg, storage, "finetune", resume=False)
+    storage = stages.storage_root(cfg)
+    assert stages.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+    assert stages.check_stage("finetune", cfg, storage, "finetune", resume=False)
     # evaluation settings are not part of what the stages trained
-    runner.check_output(_config(out, "evaluate.attacks=[natural]"), runner.STAGES)
+    stages.check_output(_config(out, "evaluate.attacks=[natural]"), config.STAGES)
 
 
 def test_a_changed_pretraining_config_is_refused_naming_the_field(finished):
     out, cfg = finished
-    with pytest.raises(runner.StageExistsError, match=r"pretrain\.mask_ratio: 0\.75 -> 0\.5"):
-        runner.check_output(_config(out, "pretrain.mask_ratio=0.5"), runner.STAGES)
-    with pytest.raises(runner.StageExistsError, match=r"model\.depth: 4 -> 2"):
-        runner.check_output(_config(out, "model.depth=2"), ("evaluate",))  # would not load the weights
+    with pytest.raises(errors.StageExistsError, match=r"pretrain\.mask_ratio: 0\.75 -> 0\.5"):
+        stages.check_output(_config(out, "pretrain.mask_ratio=0.5"), config.STAGES)
+    with pytest.raises(errors.StageExistsError, match=r"model\.depth: 4 -> 2"):
+        stages.check_output(_config(out, "model.depth=2"), ("evaluate",))  # would not load the weights
 
 
 def test_a_changed_finetuning_config_keeps_the_pretraining_and_refuses_the_finetuning(finished):
     out, cfg = finished
     changed = _config(out, "finetune.blr=0.01")
-    storage = runner.storage_root(changed)
-    assert runner.check_stage("pretrain", changed, storage, "pretrain", resume=False)
-    with pytest.raises(runner.StageExistsError, match=r"finetune\.blr: 0\.02 -> 0\.01"):
-        runner.check_output(changed, runner.STAGES)
-    runner.check_output(changed, runner.STAGES, overwrite=True)  # clears only what no longer fits
-    assert runner.read_stage_record(storage, "pretrain") is not None
+    storage = stages.storage_root(changed)
+    assert stages.check_stage("pretrain", changed, storage, "pretrain", resume=False)
+    with pytest.raises(errors.StageExistsError, match=r"finetune\.blr: 0\.02 -> 0\.01"):
+        stages.check_output(changed, config.STAGES)
+    stages.check_output(changed, config.STAGES, overwrite=True)  # clears only what no longer fits
+    assert stages.read_stage_record(storage, "pretrain") is not None
     assert not (Path(storage) / "finetune").exists()
 
 
@@ -78,24 +78,24 @@ def test_the_cli_refuses_before_ray_and_leaves_config_json_alone(finished, capsy
 def test_resume_continues_only_an_unfinished_run_of_the_same_config(tmp_path):
     out = tmp_path / "run"
     cfg = _config(out)
-    checkpoint = Path(runner.storage_root(cfg)) / "pretrain" / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint = Path(stages.storage_root(cfg)) / "pretrain" / "checkpoint_2026-01-01_00-00-00.000000"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text(json.dumps({"epoch": 3, "config": cfg.model_dump(mode="json")}))
-    storage = runner.storage_root(cfg)
-    with pytest.raises(runner.StageExistsError, match="--resume"):
-        runner.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
-    assert runner.check_stage("pretrain", cfg, storage, "pretrain", resume=True) is False  # runs on
-    with pytest.raises(runner.StageExistsError, match=r"pretrain\.blr"):
-        runner.check_stage("pretrain", _config(out, "pretrain.blr=0.01"), storage, "pretrain", resume=True)
+    storage = stages.storage_root(cfg)
+    with pytest.raises(errors.StageExistsError, match="--resume"):
+        stages.check_stage("pretrain", cfg, storage, "pretrain", resume=False)
+    assert stages.check_stage("pretrain", cfg, storage, "pretrain", resume=True) is False  # runs on
+    with pytest.raises(errors.StageExistsError, match=r"pretrain\.blr"):
+        stages.check_stage("pretrain", _config(out, "pretrain.blr=0.01"), storage, "pretrain", resume=True)
 
 
 def test_a_diverged_stage_is_no_result():
-    runner.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.1}})
-    with pytest.raises(runner.NonFiniteRun, match="finetune ended with loss nan") as err:
-        runner.check_finite("finetune", {"metrics": {"loss": float("nan"), "skipped": 0.0}})
+    stages.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.1}})
+    with pytest.raises(errors.NonFiniteRun, match="finetune ended with loss nan") as err:
+        stages.check_finite("finetune", {"metrics": {"loss": float("nan"), "skipped": 0.0}})
     assert err.value.stage == "finetune"
-    with pytest.raises(runner.NonFiniteRun, match="60% of steps skipped"):
-        runner.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.6}})
+    with pytest.raises(errors.NonFiniteRun, match="60% of steps skipped"):
+        stages.check_finite("pretrain", {"metrics": {"loss": 0.7, "skipped": 0.6}})
 
 
 def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path, monkeypatch, capsys):
@@ -103,7 +103,7 @@ def test_mimir_run_of_a_diverged_run_writes_failed_json_and_no_results(tmp_path,
     monkeypatch.setattr(runner, "init_ray", lambda: None)
 
     def diverges(*args, **kwargs):
-        raise runner.NonFiniteRun("finetune", "ended with loss nan (100% of steps skipped as non-finite)")
+        raise errors.NonFiniteRun("finetune", "ended with loss nan (100% of steps skipped as non-finite)")
 
     monkeypatch.setattr(runner, "run_stages", diverges)
     assert cli.main(["run", str(QUICKSTART), f"output_dir={out}", f"data.root={tmp_path / 'data'}"]) == 1
@@ -123,7 +123,7 @@ def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path
         built.append(start_epoch)
         return {"train": f"data from epoch {start_epoch}"}
 
-    factory = runner._restart_aware(datasets, str(tmp_path), "finetune", "train", "first")
+    factory = trainers._restart_aware(datasets, str(tmp_path), "finetune", "train", "first")
     assert factory() == "first" and built == []
     registered = {}  # run folder -> the epoch of its newest registered checkpoint
 
@@ -132,10 +132,10 @@ def test_a_restarted_worker_group_gets_its_data_at_the_epoch_it_resumes(tmp_path
             raise RuntimeError(f"Experiment folder {path} doesn't exist.")
         return SimpleNamespace(checkpoint=object(), metrics={"epoch": registered[path]})
 
-    monkeypatch.setattr(runner.ray.train.Result, "from_path", from_path)
+    monkeypatch.setattr(stages.ray.train.Result, "from_path", from_path)
     registered[str(tmp_path / "finetune")] = 4
     assert factory() == "data from epoch 5" and built == [5]
-    assert runner.resume_epoch(str(tmp_path), "pretrain") == 0
+    assert stages.resume_epoch(str(tmp_path), "pretrain") == 0
 
 
 def test_a_checkpoint_folder_ray_train_never_registered_does_not_move_the_data_epoch(tmp_path):
@@ -145,17 +145,16 @@ def test_a_checkpoint_folder_ray_train_never_registered_does_not_move_the_data_e
     folder = tmp_path / "finetune" / "checkpoint_2026-01-01_00-00-01"
     folder.mkdir(parents=True)
     (folder / "state.json").write_text(json.dumps({"epoch": 0}))
-    assert runner.resume_epoch(str(tmp_path), "finetune") == 0
+    assert stages.resume_epoch(str(tmp_path), "finetune") == 0
 
 
 def test_pretrain_leases_exclude_and_lapse(monkeypatch):
     """One trial at a time fills a cached pre-training; a holder that stops renewing (its process
     or node died) loses the lease after lease_seconds."""
-    from mimir import runner
 
     clock = [100.0]
-    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
-    leases = runner.PretrainLeases(lease_seconds=60)
+    monkeypatch.setattr(pretrain_cache.time, "monotonic", lambda: clock[0])
+    leases = pretrain_cache.PretrainLeases(lease_seconds=60)
     assert leases.try_acquire("abc", "trial-1") and not leases.try_acquire("abc", "trial-2")
     assert leases.try_acquire("other", "trial-2")  # another pre-training is free
     clock[0] += 50
@@ -175,12 +174,11 @@ def test_one_trial_at_a_time_fills_a_cached_pretraining(ray_local, tmp_path):
     import threading
     import time
 
-    from mimir import runner
 
     inside, seen = [0], []
 
     def trial():
-        with runner.cache_lease(f"file://{tmp_path}/pretrain_cache", "abc"):
+        with pretrain_cache.cache_lease(f"file://{tmp_path}/pretrain_cache", "abc"):
             inside[0] += 1
             seen.append(inside[0])
             time.sleep(0.3)

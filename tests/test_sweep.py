@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from mimir.errors import ConfigError, NonFiniteRun
 from mimir.report import markdown_table, table_rows, write_reports
-from mimir.config import load_config
+from mimir.config import FAILED, load_config
 from test_surface import check_trial_surfaces
-from mimir.spec import FAILED, SweepSpec, load_spec
+from mimir.spec import SweepSpec, load_spec
 from mimir.sweeps import TrialFailed, finished_results, run_sweep, run_with_retry, study_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -101,7 +101,7 @@ def ray_epoch(dataset: Any) -> int:
 def run_data_bench(images: int, epochs: int, cpus: int, data_dir: str | None = None,
                    img_size: int = 224, crop_scale: tuple[float, float] = (0.2, 1.0)) -> dict[str, Any]:
     """Alternate ``epochs`` epochs of each side (after one untimed epoch each); the JSON report."""
-    from mimir.runner import init_ray
+    from mimir.ray_env import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
         raise RuntimeError("mimir bench --data measures this machine's CPUs: unset RAY_ADDRESS")

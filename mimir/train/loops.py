@@ -68,7 +68,6 @@ def no_effect_warning(report: dict[str, float], warmup_epochs: float) -> str | N
 
 
 def _worker_setup(cfg: RunConfig) -> torch.device:
-    ctx = ray.train.get_context()
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
     if not verbose():
         logging.getLogger().setLevel(logging.WARNING)

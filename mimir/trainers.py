@@ -1,0 +1,187 @@
+"""The stages as Ray: pre-training and fine-tuning as ``TorchTrainer`` runs (reused when finished,
+resumed when not: :mod:`mimir.stages`), and the evaluation as a Ray task that streams the test split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from mimir.config import RunConfig
+from mimir.console import Progress
+from mimir.data.format import load_manifest
+from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
+                                 validation_dataset)
+from mimir.evaluation import evaluate_batches, load_classifier
+from mimir.memory import PrivateMemoryPeak
+from mimir.ray_env import quiet_ray_data
+from mimir.seeding import stream_seed
+from mimir.stages import (_join, _write_stage_record, check_stage, read_stage_record, resume_epoch,
+                          stage_checkpoint, storage_root)
+
+
+def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
+    s = cfg.scaling
+    resources = {**s.resources_per_worker, "CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],
+         datasets: Callable[[int], dict[str, ray.data.Dataset]], resume: bool,
+         callbacks: Sequence[Any] = (), scored: bool = False) -> ray.train.Checkpoint:
+    """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint.
+
+    ``datasets(start_epoch)`` builds the stage's data. Ray Train calls it whenever it starts the
+    workers, at the first start and after every restart, so the data continues at the epoch the
+    weights continue from. ``scored``: keep the checkpoint with the best ``checkpoint_score`` beside
+    the latest; the stage record names it ``best_checkpoint``."""
+    if check_stage(stage, cfg, storage, name, resume):
+        print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
+        return stage_checkpoint(storage, read_stage_record(storage, name))
+    checkpoints = (ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                                              checkpoint_score_order="max")
+                   if scored else ray.train.CheckpointConfig(num_to_keep=2))
+    first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
+    trainer = ray.train.torch.TorchTrainer(
+        loop,
+        train_loop_config={**loop_config, "run_folder": _join(storage, name)},
+        scaling_config=_scaling(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=checkpoints,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
+                                                   max_preemption_failures=cfg.scaling.max_preemption_failures),
+            callbacks=list(callbacks) or None,
+            logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
+        ),
+        datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first},
+        # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"[{stage}] finished without a checkpoint")
+    record = {"stage": stage, "checkpoint": _relative(result.checkpoint), "metrics": result.metrics,
+              "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash(),
+              "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)}
+    if scored and result.best_checkpoints:
+        # the highest score; on a tie the later epoch
+        best, metrics = max(result.best_checkpoints,
+                            key=lambda pair: (pair[1]["checkpoint_score"], pair[1]["epoch"]))
+        record.update(best_checkpoint=_relative(best), best_metrics=metrics)
+    _write_stage_record(storage, name, record)
+    return stage_checkpoint(storage, record)
+
+
+def _relative(checkpoint: ray.train.Checkpoint) -> str:
+    """``<run name>/<checkpoint folder>``: a checkpoint's path below the storage root."""
+    return "/".join(checkpoint.path.rstrip("/").rsplit("/", 2)[-2:])
+
+
+def _restart_aware(datasets: Callable[[int], dict[str, ray.data.Dataset]], storage: str, name: str, key: str,
+                   first: ray.data.Dataset) -> Callable[[], ray.data.Dataset]:
+    """The dataset for Ray Train: ``first`` at the first start, rebuilt at the resumed epoch after a restart."""
+    started = [False]
+
+    def build() -> ray.data.Dataset:
+        if not started[0]:
+            started[0] = True
+            return first
+        return datasets(resume_epoch(storage, name))[key]
+
+    return build
+
+
+def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pretrain", resume: bool = False,
+                 callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """MIMIR pre-training on Ray Train; returns the final checkpoint."""
+    from mimir.train.loops import pretrain_worker
+
+    dataset_dir = resolve_dataset(cfg.data)
+    steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
+
+    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
+        return {"train": train_dataset(dataset_dir, cfg.data, finetune=False, seed=cfg.seed, start_epoch=start_epoch)}
+
+    return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
+                {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps}, datasets, resume, callbacks)
+
+
+def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
+                 name: str = "finetune", resume: bool = False, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+    """Adversarial fine-tuning on Ray Train from a pre-training checkpoint (None: from scratch),
+    validated on a held-out part of the training split (:func:`holdout_indices`)."""
+    from mimir.train.loops import finetune_worker
+
+    dataset_dir = resolve_dataset(cfg.data)
+    generated = resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})) \
+        if cfg.data.generated else None
+    manifest = load_manifest(dataset_dir)
+    holdout = holdout_indices(dataset_dir, cfg.finetune.validation.images, cfg.seed)
+    rows = num_train_rows(dataset_dir, cfg.data, finetune=True) - len(holdout)
+    steps = max(rows // cfg.finetune.batch_size, 1)
+    loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
+                   "num_classes": manifest["num_classes"], "pretrained": pretrained}
+
+    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
+        built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
+                                        holdout=holdout, generated_dir=generated,
+                                        batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
+        if len(holdout):
+            built["val"] = validation_dataset(dataset_dir, cfg.data, holdout)
+        return built
+
+    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config, datasets,
+                resume, callbacks, scored=bool(len(holdout)))
+
+
+def validation_record(cfg: RunConfig) -> dict[str, Any]:
+    """What results.json says of the validation split: its size, seed and the held-out rows."""
+    holdout = holdout_indices(resolve_dataset(cfg.data), cfg.finetune.validation.images, cfg.seed)
+    return {"images": len(holdout), "seed": cfg.seed, "every": cfg.finetune.validation.every,
+            "attack_steps": cfg.finetune.validation.attack_steps, "indices": holdout.tolist()}
+
+
+def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    cfg = RunConfig.model_validate(cfg_json)
+    quiet_ray_data()
+    torch.manual_seed(stream_seed(cfg.seed, "evaluate"))  # the attacks' random starts
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    memory = PrivateMemoryPeak()
+    with checkpoint.as_directory() as directory:
+        model = load_classifier(directory, cfg, device)
+    dataset_dir = resolve_dataset(cfg.data)
+    ds = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in ds.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
+            yield batch["image"].float().div_(255), batch["label"]
+            memory.sample()  # after the batch's attacks ran
+
+    test_rows = load_manifest(dataset_dir)["splits"]["test"]["num_rows"]
+    total = min(test_rows, cfg.evaluate.num_images or test_rows)
+    progress = Progress("[evaluate]", total, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
+    result = evaluate_batches(model, batches(), cfg, progress)
+    result["private_memory_mb"] = memory.grown_mb()
+    return result
+
+
+def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """Evaluation as a Ray task (on a GPU when the config asks for one), streaming the test split."""
+    s = cfg.scaling
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # never inside a caller's placement group (a Tune trial reserves none of the CPUs this needs)
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
