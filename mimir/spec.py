@@ -109,6 +109,9 @@ class Distribution(Strict):
         values = getattr(self, given[0])
         if not values:
             raise ValueError(f"{given[0]} is empty")
+        if self.choice is not None and not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+            raise ValueError(f"choice {values} holds a list or mapping; Optuna samples numbers, strings, booleans and "
+                             "null only (list such values as rows or a grid)")
         return self
 
 
@@ -215,7 +218,7 @@ class SweepSpec(Strict):
             for group_index, group in enumerate(self.groups or [None]):
                 where = {ROW: index} if group is None else {ROW: index, GROUP: group_index, **group.set}
                 points.append({**where, **row.set})
-        if self.space:
+        if self.space and self.sampler == "grid":  # a sampled space has no points until Optuna draws them
             keys = list(self.space)
             points += [dict(zip(keys, values)) for values in itertools.product(*(self.space[k].grid for k in keys))]
         return points

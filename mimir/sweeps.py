@@ -1,8 +1,9 @@
-"""Sweeps: a ``tune/*.yaml`` spec -> a Ray Tune ``Tuner`` with ``OptunaSearch`` whose trials run the
-same pre-train -> fine-tune -> evaluate pipeline as ``mimir run``.
+"""Sweeps: a ``tune/*.yaml`` spec -> a Ray Tune ``Tuner`` whose trials run the same pre-train ->
+fine-tune -> evaluate pipeline as ``mimir run``.
 
-A spec either lists ``rows`` (the cells of a paper table; each row is one trial, searched as a grid)
-or gives a ``space`` of distributions for Optuna's TPE. Every trial's record is its
+A spec either lists ``rows`` (the cells of a paper table; each row is one trial) or grid values,
+run as Tune's ``grid_search``, or gives a ``space`` of distributions, sampled by Optuna's TPE
+through ``OptunaSearch``. Every trial's record is its
 ``results.json`` under ``<experiment>/trials/<trial id>/``; pre-training is cached under
 ``<storage>/pretrain_cache/<pretrain hash>/`` so trials that differ only in fine-tuning share one,
 one trial filling it while the others wait (a lease held through a Ray actor, so trials on any node
@@ -40,40 +41,46 @@ RECORD = "record_json"  # a trial's final Tune report carries its results record
 PRETRAIN_CACHE = "pretrain_cache"
 
 
+POINT = "point"  # a trial's parameters: {"point": {dotted config key: value}}
+
+
 # -- running -------------------------------------------------------------------------------------
-def _optuna_space(spec: SweepSpec) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
-    """Optuna distributions, the points to evaluate first, and the number of trials."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The Tune search space: a grid spec's points as ``tune.grid_search`` (each a dict of overrides,
+    so a row that leaves a key out simply has no such key), a sampled spec's distributions as Tune's
+    domains, which ``OptunaSearch`` hands to Optuna's TPE sampler."""
+    from ray import tune
 
     if spec.sampler == "grid":
-        points = spec.grid_points()
-        keys = sorted({k for p in points for k in p})
-        # a row that leaves a key out means "the base value": make that explicit for Optuna
-        filled = [{k: p.get(k, "__base__") for k in keys} for p in points]
-        space = {k: CategoricalDistribution(sorted({json.dumps(p[k]) for p in filled})) for k in keys}
-        return space, [{k: json.dumps(p[k]) for k in keys} for p in filled], len(points)
+        return {POINT: tune.grid_search(spec.grid_points())}
     space: dict[str, Any] = {}
     for key, d in spec.space.items():
         if d.choice is not None:
-            space[key] = CategoricalDistribution([json.dumps(v) for v in d.choice])
+            space[key] = tune.choice(d.choice)
         elif d.int is not None:
-            space[key] = IntDistribution(*d.int)
+            space[key] = tune.randint(d.int[0], d.int[1] + 1)  # Tune's upper bound is exclusive, the spec's inclusive
+        elif d.uniform is not None:
+            space[key] = tune.uniform(*d.uniform)
         else:
-            lo, hi = d.uniform or d.loguniform
-            space[key] = FloatDistribution(lo, hi, log=d.loguniform is not None)
-    return space, None, spec.num_samples
+            space[key] = tune.loguniform(*d.loguniform)
+    return {POINT: space}
 
 
-def _decode_point(params: dict[str, Any]) -> dict[str, Any]:
-    """Tune/Optuna parameters -> config overrides (categoricals travel as JSON strings)."""
-    point = {}
-    for key, value in params.items():
-        if isinstance(value, str):
-            value = json.loads(value)
-            if value == "__base__":
-                continue
-        point[key] = value
-    return point
+def final_value_search(spec: SweepSpec, experiment: Path, storage_url: str | None) -> Any:
+    """Optuna's TPE over a sampled spec, its study in ``<experiment>/optuna.db`` (or ``storage_url``),
+    told each trial's final (evaluated) value only, never its validation curve: a scheduler steers on
+    validation, Optuna learns what was evaluated."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalValueSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            """Nothing: intermediate (validation) results are the scheduler's, not Optuna's."""
+
+    database = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
+    return FinalValueSearch(metric="objective", mode=spec.objective.mode,
+                            sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                            study_name=study_name(spec, experiment), storage=database)
 
 
 class TrialFailed(RuntimeError):
@@ -262,7 +269,7 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
-    cfg, results = run_grid_trial(_decode_point(params), base=base, spec=spec, experiment=Path(experiment),
+    cfg, results = run_grid_trial(params[POINT], base=base, spec=spec, experiment=Path(experiment),
                                   trial_dir=trial_dir, storage=storage, sources=sources, run=run)
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
@@ -295,15 +302,9 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
 
     ``run`` is the trial hook: what one trial does with its config (default: the real pipeline).
     Tests replace it to exercise Tune, Optuna, failures and resume without training."""
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    class FinalValueSearch(OptunaSearch):
-        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            """Nothing: Optuna learns a trial's final (evaluated) value only, never its validation curve."""
     from mimir.pretrain_cache import pretrain_leases, release_pretrain_leases
     from mimir.ray_env import init_ray
 
@@ -328,11 +329,8 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
         if _exists(tune_dir):
             raise ConfigError(f"{experiment} already holds this sweep (in {tune_dir}); pass --resume to continue it, "
                               "or --out another folder")
-        space, points, num_samples = _optuna_space(spec)
-        database = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
-        searcher = FinalValueSearch(space, metric="objective", mode=spec.objective.mode, points_to_evaluate=points,
-                                    sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                                    study_name=study_name(spec, experiment), storage=database)
+        # a grid is Tune's own grid search; a sampled space goes to Optuna
+        searcher = final_value_search(spec, experiment, storage_url) if spec.sampler == "tpe" else None
         scheduler = None
         if spec.scheduler is not None:
             scheduler = ASHAScheduler(time_attr="finetune_epoch", metric="objective", mode=spec.objective.mode,
@@ -341,10 +339,12 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
                                       reduction_factor=spec.scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
+            param_space=param_space(spec),
             # reuse_actors: the next trial runs in the finished trial's process, which has imported
             # torch and mimir already (seconds per trial on a small machine)
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, spec.max_concurrent),
-                                        scheduler=scheduler, num_samples=num_samples, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=1 if spec.sampler == "grid" else spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
@@ -374,7 +374,7 @@ def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result:
         write_json_atomically(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
     elif result.error is not None:
         params = result.config or json.loads(_read(f"{result.path}/params.json"))  # restored: only on storage
-        point = _decode_point(params)
+        point = params[POINT]
         cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
         # the traceback's last line, "package.module.Error: message", as the trial itself words it
         name, _, message = str(result.error).strip().splitlines()[-1].partition(": ")

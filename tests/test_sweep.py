@@ -40,6 +40,7 @@ def _spec(tmp_path, text):
     ("rows: [{label: a, set: {}, paperz: {}}]\n", "paperz: unknown field"),
     ("sampler: tpe\nspace: {finetune.blr: {grid: [1, 2]}}\n", "grid values need sampler: grid"),
     ("space: {finetune.blr: {loguniform: [1.0e-4, 1.0e-2], grid: [1]}}\n", "exactly one"),
+    ("sampler: tpe\nspace: {evaluate.attacks: {choice: [[natural], [natural, pgd20]]}}\n", "Optuna samples numbers"),
     ("overrides: {evaluate.attacks: [natural]}\nrows: [{label: a}]\n", "objective.metric: pgd20 is not evaluated"),
     ("objective: {metric: natural}\ncolumns: [natural, pgd100]\nrows: [{label: a}]\n", "columns: pgd100 is not evaluated"),
     ("rows: [{label: a, set: {pretrain.mask_ratio: 2}}]\n", "pretrain.mask_ratio"),
@@ -252,27 +253,30 @@ def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, tmp_pa
     assert "| diverges | failed |" in write_reports(spec, experiment)
 
 
-def test_a_grid_sweep_records_every_trial_in_tune_and_optuna_and_resumes(ray_local, tmp_path, fake_trial):
+def _tune_trials(experiment: Path) -> list[tuple[dict, float]]:
+    """Each trial Tune recorded: its point and its final objective."""
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(str(experiment / "tune"))
+    return [(trial.config["point"], trial.last_result["objective"]) for trial in analysis.trials]
+
+
+def test_a_grid_sweep_is_tunes_grid_search_and_resumes(ray_local, tmp_path, fake_trial):
     spec_path = _spec(tmp_path, "space: {pretrain.mi.weight: {grid: [1.0e-5, 0.0]}, finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n")
     experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 4
-    # the Optuna study holds the same four trials as Tune, with the same parameters and values
-    study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
-                              storage=f"sqlite:///{experiment / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) == 4
+    # Tune holds the same four points as the records, with the same values; no Optuna study for a grid
     ours = sorted((r["config"]["pretrain"]["mi"]["weight"], r["config"]["finetune"]["blr"], r["accuracy"]["pgd20"])
                   for r in results)
-    theirs = sorted((json.loads(t.params["pretrain.mi.weight"]), json.loads(t.params["finetune.blr"]), t.value)
-                    for t in finished)
-    assert ours == theirs
+    theirs = sorted((point["pretrain.mi.weight"], point["finetune.blr"], value)
+                    for point, value in _tune_trials(experiment))
+    assert ours == theirs and not (experiment / "optuna.db").exists()
     # --resume on a finished sweep reruns nothing
     stamps = {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")}
     run_sweep(spec_path, out=str(tmp_path / "exp"), resume=True, run=fake_trial)
     assert {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")} == stamps
-    assert len(optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
-                              storage=f"sqlite:///{experiment / 'optuna.db'}").trials) == 4
+    assert len(_tune_trials(experiment)) == 4
     spec, _ = load_spec(spec_path)
     rows = table_rows(spec, [json.loads(p.read_text()) for p in stamps])
     assert all(r["ours"] for r in rows) and "4 of 4 rows finished" in markdown_table(spec, rows)
@@ -305,10 +309,25 @@ def test_asha_steers_on_validation_and_never_stops_a_trial_before_its_evaluation
         assert history["finetune_epoch"].tolist() == [1, 2, 3, 4]
         assert history["objective"].tolist()[:3] == [30.0, 30.0, 30.0]  # val_pgd, not training accuracy
         assert history["objective"].tolist()[3] == history["accuracy_pgd20"].tolist()[3]
+
+
+def test_a_sampled_sweep_is_optunas_tpe_and_learns_final_values_only(ray_local, tmp_path, fake_trial):
+    """TPE samples three points of the space; each trial reports validation epochs to Tune, but the
+    Optuna study holds the three final (evaluated) values only."""
+    spec_path = _spec(tmp_path, (
+        "overrides: {pretrain.enabled: false, finetune.epochs: 2, finetune.warmup_epochs: 0}\n"
+        "sampler: tpe\nnum_samples: 3\n"
+        "space: {finetune.blr: {loguniform: [1.0e-4, 1.0e-2]}, finetune.method: {choice: [pgd, fast]}}\n"))
+    experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
+    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    assert len(results) == 3
+    assert all(1e-4 <= r["config"]["finetune"]["blr"] <= 1e-2 for r in results)
     study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
                               storage=f"sqlite:///{experiment / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted((t.params["point/finetune.blr"], t.params["point/finetune.method"], t.value) for t in finished) == \
+        sorted((r["config"]["finetune"]["blr"], r["config"]["finetune"]["method"], r["accuracy"]["pgd20"]) for r in results)
     assert all(t.intermediate_values == {} for t in study.trials)  # Optuna sees final values only
-    assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
 
 
 def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, data_root, tmp_path, capsys):
@@ -334,9 +353,7 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
     assert all(set(r["seconds"]) == {"pretrain", "finetune", "evaluate"} for r in results)
     assert all(0 <= r["accuracy"]["pgd20"] <= r["accuracy"]["natural"] <= 100 for r in results)
     assert all(r["pretrain"]["metrics"]["mi_share"] > 0 for r in results)
-    study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
-                              storage=f"sqlite:///{experiment / 'optuna.db'}")
-    assert sorted(t.value for t in study.trials) == sorted(r["accuracy"]["pgd20"] for r in results)
+    assert sorted(value for _, value in _tune_trials(stored)) == sorted(r["accuracy"]["pgd20"] for r in results)
     check_trial_surfaces(experiment, results, spec_of(spec_path).surface, tmp_path, capsys)
 
 
@@ -372,9 +389,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_or_losing_trials(ray_loc
     assert len(results) == 3  # none lost
     assert {p: p.stat().st_mtime for p in done} == done  # finished trials were not rerun
     assert sorted(r["config"]["finetune"]["blr"] for r in results.values()) == [1.0e-3, 2.0e-3, 3.0e-3]
-    study = optuna.load_study(study_name=study_name(spec_of(spec_path), out),
-                              storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+    assert len(_tune_trials(out)) == 3
 
 
 def test_the_users_scaling_overrides_win_over_the_specs_resources_and_the_plan_shows_them():
