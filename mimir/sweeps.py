@@ -30,6 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
 from mimir.config import FAILED
 from mimir.errors import ConfigError
 from mimir.metrics import filesystem
@@ -66,17 +69,16 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return {POINT: space}
 
 
-def final_value_search(spec: SweepSpec, experiment: Path, storage_url: str | None) -> Any:
-    """Optuna's TPE over a sampled spec, its study in ``<experiment>/optuna.db`` (or ``storage_url``),
-    told each trial's final (evaluated) value only, never its validation curve: a scheduler steers on
-    validation, Optuna learns what was evaluated."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+class FinalValueSearch(OptunaSearch):
+    """Optuna's search, told each trial's final (evaluated) value only, never its validation curve: a
+    scheduler steers on validation, Optuna learns what was evaluated."""
 
-    class FinalValueSearch(OptunaSearch):
-        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            """Nothing: intermediate (validation) results are the scheduler's, not Optuna's."""
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Nothing: intermediate (validation) results are the scheduler's, not Optuna's."""
 
+
+def final_value_search(spec: SweepSpec, experiment: Path, storage_url: str | None) -> FinalValueSearch:
+    """Optuna's TPE over a sampled spec, its study in ``<experiment>/optuna.db`` (or ``storage_url``)."""
     database = optuna.storages.RDBStorage(storage_url or f"sqlite:///{experiment / 'optuna.db'}")
     return FinalValueSearch(metric="objective", mode=spec.objective.mode,
                             sampler=optuna.samplers.TPESampler(seed=spec.seed),
