@@ -277,7 +277,8 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
                  **{f"accuracy_{k}": v for k, v in results["accuracy"].items()},
                  "retried": bool(results.get("retried")),
-                 # the record, for the driver to keep where the trial's own node cannot write
+                 # the record, for the driver to keep where the trial's own node cannot write; one JSON
+                 # string, as Tune would flatten a nested dict into a column per leaf
                  RECORD: json.dumps(results)})
 
 
