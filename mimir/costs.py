@@ -46,6 +46,7 @@ TABLE10: dict[tuple[str, str], dict[str, float]] = {
     ("convit_small", "imagenet"): {"pgd10_at": 6626.5, "fast_at": 1431.2, "mae": 609.7, "mimir": 611.1},
 }
 METHODS = ("pgd10_at", "fast_at", "mae", "mimir")
+PRETRAIN_VARIANTS = ("mimir_renyi", "adv_mae_1")  # what a bench report times besides: I_α, and no MI penalty
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def bench_device(path: str | Path) -> Device:
         report = json.loads(Path(path).read_text())
         cfg = RunConfig.model_validate(report["config"])
         batch, methods, machine = report["arguments"]["batch"], report["methods"], report["machine"]
-        per_image = {m: methods[m]["median_s"] / batch for m in METHODS if m in methods}
+        per_image = {m: methods[m]["median_s"] / batch for m in (*METHODS, *PRETRAIN_VARIANTS) if m in methods}
     except FileNotFoundError:
         raise ConfigError(f"--costs {path}: no such file (write one with `mimir bench --config CONFIG --out {path}`)"
                           ) from None
@@ -218,9 +219,17 @@ class StageCosts:
     evaluate: float
 
 
+def _pretrain_method(cfg: RunConfig, device: Device) -> str:
+    """The measured method whose one attack step (and MI penalty) prices this pre-training's: MIMIR
+    with the authors' HSIC, or, where a bench report timed them, I_α or no penalty (Adv-MAE)."""
+    variant = {"renyi": "mimir_renyi", "none": "adv_mae_1"}.get(cfg.pretrain.mi.estimator)
+    return variant if variant in device.per_image else "mimir"
+
+
 def pretrain_seconds(cfg: RunConfig, device: Device = PAPER) -> float:
-    """The whole pre-training: MAE's epoch plus MIMIR - MAE per attack step (the MI penalty included)."""
-    mae, mimir = epoch_seconds(cfg, "mae", False, device), epoch_seconds(cfg, "mimir", False, device)
+    """The whole pre-training: MAE's epoch plus (MIMIR - MAE) per attack step (the MI penalty included)."""
+    mae = epoch_seconds(cfg, "mae", False, device)
+    mimir = epoch_seconds(cfg, _pretrain_method(cfg, device), False, device)
     return (mae + cfg.pretrain.attack.steps * (mimir - mae)) * cfg.pretrain.epochs
 
 

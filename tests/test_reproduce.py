@@ -238,6 +238,10 @@ def test_cpu_trials_are_priced_from_a_bench_of_their_own_model_or_not_at_all(tmp
     mimir_row, no_pretraining = plan.trials[0], plan.trials[-1]
     assert mimir_row.device.kind == "cpu" and "cpu.json" in mimir_row.device.source
     assert mimir_row.costs.pretrain == pytest.approx((1e-3 + 1 * 2e-3) * 1347 * 20)  # MAE + one attack step
+    assert plan.trials[2].costs.pretrain == pytest.approx((1e-3 + 1 * 2e-3) * 1347 * 20)  # I_α, not timed: as HSIC
+    with_renyi = plan_sweep(spec_path("digits_table7"), costs=[_bench_report(tmp_path / "renyi.json", cfg, {
+        **per_image, "mimir_renyi": 5e-3})])
+    assert with_renyi.trials[2].costs.pretrain == pytest.approx((1e-3 + 1 * 4e-3) * 1347 * 20)  # timed: its own
     train_rows, validations = 1347, 9  # validation every 3rd of 25 epochs and after the last
     assert mimir_row.costs.finetune == pytest.approx((4e-3 - 1e-3 + 2 * 1e-3) * train_rows * 25
                                                     + 150 * 6 * 1e-3 * validations)  # PGD-2; PGD-5 validation
