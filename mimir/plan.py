@@ -28,7 +28,7 @@ from mimir.costs import (PAPER, Device, StageCosts, bench_device, differences, r
                          surface_seconds)
 from mimir.errors import ConfigError
 from mimir.spec import (GROUP, LABEL_SEPARATOR, ROW, SweepSpec, experiment_dir, find_sources, load_command_spec,
-                        trial_config, trial_identity)
+                        trial_config, trial_label)
 
 Bundle = dict[str, float]  # Ray resources: CPU, GPU, custom
 TRAINING_KEYS = ("seed", "data.", "model.", "pretrain.")  # a sampled key among these changes the pre-training
@@ -266,11 +266,7 @@ def _trials(spec: SweepSpec, base: dict[str, Any], benches: list[Device],
     trials = []
     for index, point in enumerate(points):
         cfg = trial_config(base, spec, point)
-        identity = trial_identity(spec, point)
-        # a label's parts (the table's label columns) joined so that they stay one cell of the plan's table
-        label = " / ".join(v.replace(LABEL_SEPARATOR, " · ") for v in (identity.get("row"), identity.get("group"))
-                           if v) or (
-            ", ".join(f"{k}={v}" for k, v in point.items()) if point else f"sample {index + 1}")
+        label = trial_label(spec, point, index)
         row = spec.rows[point[ROW]] if ROW in point else None
         evaluates = None
         if row is not None and row.evaluates is not None:

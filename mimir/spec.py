@@ -291,6 +291,24 @@ def trial_identity(spec: SweepSpec, point: dict[str, Any]) -> dict[str, str | No
     return {"row": spec.rows[point[ROW]].label, "group": group}
 
 
+def trial_label(spec: SweepSpec, point: dict[str, Any], index: int = 0) -> str:
+    """How a trial is named to a user (the plan, Tune's progress table): its row and group, else its
+    point's values, else (a sampled trial) its number."""
+    identity = trial_identity(spec, point)
+    # a label's parts (the table's label columns) joined so that they stay one cell of a table
+    return " / ".join(v.replace(LABEL_SEPARATOR, " · ") for v in (identity.get("row"), identity.get("group"))
+                      if v) or (", ".join(f"{k}={v}" for k, v in point.items()) if point else f"sample {index + 1}")
+
+
+def grid_trials(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """A grid spec's trials by label (a repeated label gets `` #n``)."""
+    trials: dict[str, dict[str, Any]] = {}
+    for index, point in enumerate(spec.grid_points()):
+        label = trial_label(spec, point, index)
+        trials[label if label not in trials else f"{label} #{index + 1}"] = point
+    return trials
+
+
 def trial_config(base: dict[str, Any], spec: SweepSpec, point: dict[str, Any], output_dir: str | None = None):
     """The RunConfig of one trial: base (the spec's, or its row's own), spec overrides, resources,
     then the trial's own values."""

@@ -36,26 +36,28 @@ from ray.tune.search.optuna import OptunaSearch
 from mimir.config import FAILED
 from mimir.errors import ConfigError
 from mimir.metrics import filesystem
-from mimir.spec import (TRIALS, SweepSpec, experiment_dir, find_sources, load_command_spec, source_key,
-                        trial_config, trial_identity)
+from mimir.spec import (TRIALS, SweepSpec, experiment_dir, find_sources, grid_trials, load_command_spec,
+                        source_key, trial_config, trial_identity)
 from mimir.surface import sweep_figure, trial_surface
 
 RECORD = "record_json"  # a trial's final Tune report carries its results record
 PRETRAIN_CACHE = "pretrain_cache"
 
 
-POINT = "point"  # a trial's parameters: {"point": {dotted config key: value}}
+TRIAL = "trial"  # a grid trial's parameter: its label (what Tune's progress table shows)
+POINT = "point"  # a sampled trial's parameters: {"point": {dotted config key: value}}
 
 
 # -- running -------------------------------------------------------------------------------------
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """The Tune search space: a grid spec's points as ``tune.grid_search`` (each a dict of overrides,
-    so a row that leaves a key out simply has no such key), a sampled spec's distributions as Tune's
-    domains, which ``OptunaSearch`` hands to Optuna's TPE sampler."""
+    """The Tune search space: a grid spec's trials as ``tune.grid_search`` over their labels (a row's
+    label, or its values; :func:`trial_point` maps a label to its overrides, so a row that leaves a
+    key out simply has no such key), a sampled spec's distributions as Tune's domains, which
+    ``OptunaSearch`` hands to Optuna's TPE sampler."""
     from ray import tune
 
     if spec.sampler == "grid":
-        return {POINT: tune.grid_search(spec.grid_points())}
+        return {TRIAL: tune.grid_search(list(grid_trials(spec)))}
     space: dict[str, Any] = {}
     for key, d in spec.space.items():
         if d.choice is not None:
@@ -67,6 +69,11 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
         else:
             space[key] = tune.loguniform(*d.loguniform)
     return {POINT: space}
+
+
+def trial_point(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's parameters -> its point (the config overrides of its row or sample)."""
+    return grid_trials(spec)[params[TRIAL]] if TRIAL in params else params[POINT]
 
 
 class FinalValueSearch(OptunaSearch):
@@ -271,7 +278,7 @@ def _trainable(params: dict[str, Any], *, base: dict[str, Any], spec_json: dict[
     quiet_ray_data()
     spec = SweepSpec.model_validate(spec_json)
     trial_dir = Path(experiment) / TRIALS / tune.get_context().get_trial_id()
-    cfg, results = run_grid_trial(params[POINT], base=base, spec=spec, experiment=Path(experiment),
+    cfg, results = run_grid_trial(trial_point(spec, params), base=base, spec=spec, experiment=Path(experiment),
                                   trial_dir=trial_dir, storage=storage, sources=sources, run=run)
     tune.report({"objective": results["accuracy"][spec.objective.metric],
                  "finetune_epoch": cfg.finetune.epochs * spec.seeds,
@@ -377,7 +384,7 @@ def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result:
         write_json_atomically(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
     elif result.error is not None:
         params = result.config or json.loads(_read(f"{result.path}/params.json"))  # restored: only on storage
-        point = params[POINT]
+        point = trial_point(spec, params)
         cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
         # the traceback's last line, "package.module.Error: message", as the trial itself words it
         name, _, message = str(result.error).strip().splitlines()[-1].partition(": ")

@@ -258,7 +258,7 @@ def _tune_trials(experiment: Path) -> list[tuple[dict, float]]:
     from ray import tune
 
     analysis = tune.ExperimentAnalysis(str(experiment / "tune"))
-    return [(trial.config["point"], trial.last_result["objective"]) for trial in analysis.trials]
+    return [(trial.config, trial.last_result["objective"]) for trial in analysis.trials]
 
 
 def test_a_grid_sweep_is_tunes_grid_search_and_resumes(ray_local, tmp_path, fake_trial):
@@ -266,11 +266,11 @@ def test_a_grid_sweep_is_tunes_grid_search_and_resumes(ray_local, tmp_path, fake
     experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
     results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
     assert len(results) == 4
-    # Tune holds the same four points as the records, with the same values; no Optuna study for a grid
-    ours = sorted((r["config"]["pretrain"]["mi"]["weight"], r["config"]["finetune"]["blr"], r["accuracy"]["pgd20"])
-                  for r in results)
-    theirs = sorted((point["pretrain.mi.weight"], point["finetune.blr"], value)
-                    for point, value in _tune_trials(experiment))
+    # Tune holds the same four trials as the records, named by their values, with the same values; no
+    # Optuna study for a grid
+    ours = sorted((f"pretrain.mi.weight={r['config']['pretrain']['mi']['weight']}, "
+                   f"finetune.blr={r['config']['finetune']['blr']}", r["accuracy"]["pgd20"]) for r in results)
+    theirs = sorted((params["trial"], value) for params, value in _tune_trials(experiment))
     assert ours == theirs and not (experiment / "optuna.db").exists()
     # --resume on a finished sweep reruns nothing
     stamps = {p: p.stat().st_mtime for p in (experiment / "trials").glob("*/results.json")}
