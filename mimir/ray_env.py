@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -54,7 +55,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
         # polls; without it the cleaner logs a warning every few seconds for the rest of the run.
+        # The cleaner asks for "the" Ray of this machine, which fails (a traceback every stage)
+        # where two local Rays run, e.g. two mimir runs side by side: its processes are told ours.
+        port = free_port()
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # A Ray Train run keeps more actors alive than a laptop has CPUs, so Ray would kill every
         # idle worker after 1 s and each epoch's Ray Data tasks would start a fresh process (seconds
         # of importing torch); kept for minutes, the next epoch, stage and trial reuse them
-        ray_private.init_local_ray(IDLE_WORKER_MS, num_cpus=num_cpus, **kwargs)
+        ray_private.init_local_ray(IDLE_WORKER_MS, num_cpus=num_cpus, dashboard_port=port, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

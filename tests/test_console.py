@@ -115,3 +115,22 @@ def test_the_local_rays_processes_poll_ray_train_workers_often(ray_local):
         return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
     assert ray_local.get(interval.remote()) == str(LOCAL_POLL_SECONDS)
+
+
+def test_the_local_rays_processes_ask_this_ray_for_its_state_not_any_ray_on_the_machine(ray_local):
+    """Ray Train's placement-group cleaner asks the State API of "the" Ray on the machine, which fails
+    with a traceback every stage where a second local Ray runs (two mimir runs side by side): the
+    processes of ours are pointed at our own dashboard, and its State API answers them."""
+    webui = ray_local._private.worker.global_worker.node.address_info["webui_url"]
+
+    @ray_local.remote(num_cpus=0)
+    def state_api() -> tuple[str | None, str, int]:
+        import os
+
+        from ray.dashboard.utils import get_address_for_submission_client
+        from ray.util.state import list_actors
+
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), get_address_for_submission_client(None), len(list_actors())
+
+    told, asked, actors = ray_local.get(state_api.remote())
+    assert told == asked == f"http://{webui}" and told.startswith("http://127.0.0.1:") and actors >= 0
