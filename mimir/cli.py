@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="the runs under a folder: status, stages done, accuracies, wall time")
     runs.add_argument("folder", help="a folder holding run folders (results/, a sweep's experiment folder)")
     runs.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    runs.add_argument("--fixed-costs", action="store_true",
+                      help="per run and stage, the wall time outside the computation: the stage's start, its first "
+                           "batch, later data waits, checkpoints and reports between epochs, teardown")
     runs.set_defaults(handler="mimir.runs:main")
     compare = sub.add_parser("compare", help="the config fields in which runs differ, and their results")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holds config.json)")

@@ -35,7 +35,8 @@ HISTORY = "metrics.jsonl"
 TABLE = "metrics.csv"
 EVENTS_PREFIX = "events.out.tfevents."
 TIMING_KEYS = ("seconds", "images_per_second", "data_seconds", "probe_seconds", "validation_seconds")
-UNPLOTTED = ("epoch", "checkpoint_score")  # the step itself; a selection score (-inf between validations)
+# the step itself; a selection score (-inf between validations); the epoch's wall-clock start
+UNPLOTTED = ("epoch", "checkpoint_score", "started_at")
 
 
 def tensorboard_tag(key: str) -> str | None:

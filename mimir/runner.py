@@ -30,11 +30,14 @@ from mimir.trainers import run_evaluate, run_finetune, run_pretrain, validation_
 
 
 @contextlib.contextmanager
-def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    """``with timed(seconds, "finetune"):`` stores the block's wall time in ``seconds["finetune"]``."""
-    started = time.perf_counter()
+def timed(seconds: dict[str, float], windows: dict[str, list[float]], stage: str) -> Iterator[None]:
+    """``with timed(seconds, windows, "finetune"):`` stores the block's duration in
+    ``seconds["finetune"]`` and its wall-clock start and end in ``windows["finetune"]`` (what
+    ``mimir runs --fixed-costs`` holds the epochs' own start times against)."""
+    started, wall = time.perf_counter(), time.time()
     yield
     seconds[stage] = time.perf_counter() - started
+    windows[stage] = [wall, time.time()]
 
 
 def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, resume: bool = False,
@@ -48,13 +51,14 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
     ``callbacks`` go to the fine-tuning trainer. A stage that diverged raises NonFiniteRun. Returns
     the results record (stage records, accuracies, seconds per stage and per attack)."""
     seconds: dict[str, float] = {}
+    windows: dict[str, list[float]] = {}
     results: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(mode="json"),
                                "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
     pretrain_storage, pretrain_name = storage, "pretrain"
     if pretrain_cache is not None:
         pretrain_storage, pretrain_name = pretrain_cache, cfg.pretrain_hash()
     if "pretrain" in stages and cfg.pretrain.enabled:
-        with timed(seconds, "pretrain"), cache_lease(pretrain_cache, pretrain_name):
+        with timed(seconds, windows, "pretrain"), cache_lease(pretrain_cache, pretrain_name):
             if pretrain_cache is not None:
                 hit = read_stage_record(pretrain_storage, pretrain_name) is not None
                 print(f"[sweep] pre-training cache {'hit, reusing' if hit else 'miss, pre-training'} "
@@ -71,7 +75,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
                 raise FileNotFoundError(f"no finished pre-training in {_join(pretrain_storage, pretrain_name)}; "
                                         "run `mimir pretrain` first or pass --pretrained CHECKPOINT")
             pretrained = stage_checkpoint(pretrain_storage, record)
-        with timed(seconds, "finetune"):
+        with timed(seconds, windows, "finetune"):
             run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume,
                          callbacks=callbacks)
         results["finetune"] = read_stage_record(storage, "finetune")
@@ -85,14 +89,14 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
                                         "`mimir finetune` first or pass --checkpoint CHECKPOINT")
             finetuned = stage_checkpoint(storage, record, cfg.evaluate.checkpoint)
             results["evaluated_checkpoint"] = finetuned.path
-        with timed(seconds, "evaluate"):
+        with timed(seconds, windows, "evaluate"):
             evaluation = run_evaluate(cfg, finetuned)
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"],
                        evaluate_private_memory_mb=evaluation.get("private_memory_mb"))
         write_evaluation(_join(storage, "evaluate"), results, step=cfg.finetune.epochs,
                          tracker=Tracker.for_run(cfg, "evaluate"))
-    results["seconds"] = seconds
+    results["seconds"], results["stage_times"] = seconds, windows
     return results
 
 

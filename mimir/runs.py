@@ -1,5 +1,6 @@
-"""Runs as first-class objects: ``mimir runs DIR`` lists the runs under a folder, ``mimir compare RUN
-RUN ...`` shows the config fields in which runs differ and their results side by side.
+"""Runs as first-class objects: ``mimir runs DIR`` lists the runs under a folder (``--fixed-costs``:
+where each stage's wall time went besides its computation), ``mimir compare RUN RUN ...`` shows the
+config fields in which runs differ and their results side by side.
 
 A run is a folder with the ``config.json`` that ``mimir run`` (or a stage command, or a sweep trial)
 writes first; ``results.json`` appears when it finished, ``failed.json`` when it diverged. Reads
@@ -99,8 +100,81 @@ def compare_table(folders: list[str | Path], fmt: str = "markdown") -> str:
     return _render(["field", *(str(p) for p in paths)], rows, fmt)
 
 
+# -- fixed costs ---------------------------------------------------------------------------------
+def _history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def stage_fixed_costs(results: dict[str, Any], stage_folder: Path | None, stage: str) -> dict[str, float] | None:
+    """Where one stage's wall time went besides its computation, from its window in results.json and
+    the wall-clock start of each epoch (``started_at``) in its metrics.jsonl: ``start`` (the stage's
+    start to its first epoch: worker processes, process group, datasets), ``first_batch`` (the first
+    epoch's wait for data: Ray Data's first execution), ``data_waits`` (every later epoch's),
+    ``between_epochs`` (checkpoints and reports), ``teardown`` (the last epoch's end to the stage's);
+    ``computation`` is the rest (steps, probes, validations). The evaluation: ``start`` is what its
+    attacks did not take. None where the files do not say."""
+    window = results.get("stage_times", {}).get(stage)
+    if window is None:
+        return None
+    started, ended = window
+    wall = ended - started
+    if stage == "evaluate":
+        attacks = sum(results.get("attack_seconds", {}).values())
+        return {"wall": wall, "computation": attacks, "start": wall - attacks, "fixed": wall - attacks}
+    rows = _history(stage_folder) if stage_folder is not None else []
+    if not rows or "started_at" not in rows[0]:
+        return None
+
+    def end(row: dict[str, Any]) -> float:
+        return row["started_at"] + row["seconds"] + row.get("validation_seconds", 0.0)
+
+    waits = [row.get("data_seconds", 0.0) for row in rows]
+    parts = {"start": rows[0]["started_at"] - started, "first_batch": waits[0], "data_waits": sum(waits[1:]),
+             "between_epochs": sum(b["started_at"] - end(a) for a, b in zip(rows, rows[1:])),
+             "teardown": ended - end(rows[-1])}
+    computation = sum(r["seconds"] - w + r.get("validation_seconds", 0.0) for r, w in zip(rows, waits))
+    return {"wall": wall, "computation": computation, **parts, "fixed": sum(parts.values())}
+
+
+def stage_folder(run: Path, config: dict[str, Any], results: dict[str, Any], stage: str) -> Path | None:
+    """Where a run's stage wrote its metrics: under its storage (``scaling.storage_path``, else the
+    run folder); a pre-training a sweep trial found in its cache is no work of this run (None)."""
+    if stage == "pretrain" and results.get("pretrain_cache_hit") is not None:
+        return None
+    root = (config.get("scaling") or {}).get("storage_path")
+    folder = run / stage if root is None else Path(root) / stage
+    return folder if "://" not in str(root or "") else None
+
+
+def fixed_costs_table(root: str | Path, fmt: str = "markdown") -> str:
+    """``mimir runs DIR --fixed-costs``: a row per finished stage of every run under the folder."""
+    root = Path(root)
+    header = ["run", "stage", "wall", "computation", "fixed", "start", "first batch", "data waits",
+              "between epochs", "teardown"]
+    rows = []
+    for run in find_runs(root):
+        results, config = _read(run / "results.json"), _read(run / "config.json") or {}
+        if results is None:
+            continue
+        name = str(run.relative_to(root)) if run != root else str(run)
+        for stage in STAGES:
+            folder = stage_folder(run, config, results, stage)
+            costs = stage_fixed_costs(results, folder, stage) if folder is not None or stage == "evaluate" else None
+            if costs is not None:
+                rows.append([name, stage, *(costs.get(k) for k in ("wall", "computation", "fixed", "start",
+                                                                     "first_batch", "data_waits", "between_epochs",
+                                                                     "teardown"))])
+    if not rows:
+        raise FileNotFoundError(f"no finished run under {root} records its stages' times (runs of this version do)")
+    return _render(header, rows, fmt) + ("" if fmt == "csv" else "\n(seconds)")
+
+
 def main(args: Any) -> int:
     """The ``runs`` and ``compare`` commands."""
     fmt = "csv" if args.csv else "markdown"
-    print(runs_table(args.folder, fmt) if args.command == "runs" else compare_table(args.runs, fmt))
+    if args.command == "compare":
+        print(compare_table(args.runs, fmt))
+    else:
+        print(fixed_costs_table(args.folder, fmt) if args.fixed_costs else runs_table(args.folder, fmt))
     return 0

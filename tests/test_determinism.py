@@ -27,7 +27,7 @@ from test_metrics import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-TIMINGS = {"seconds", "images_per_second", "data_seconds", "validation_seconds", "probe_seconds"}
+TIMINGS = {"seconds", "images_per_second", "data_seconds", "validation_seconds", "probe_seconds", "started_at"}
 RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")
 SHARED_RAY_WORKERS = re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")
 # Ray core's GCS, when an actor it is told to kill has already exited (a worker group's teardown)

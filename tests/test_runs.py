@@ -66,3 +66,26 @@ def test_a_folder_without_runs_is_a_named_error(tmp_path, capsys):
     assert "no runs under" in capsys.readouterr().err
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
     assert "is not a run folder (no config.json)" in capsys.readouterr().err
+
+
+def test_fixed_costs_split_each_stages_wall_time_into_computation_and_the_rest(tmp_path, capsys):
+    """A hand-worked run: pre-training from t=100 to t=150 with two epochs starting at 110 and 125,
+    fine-tuning from 150 to 190 with one, the evaluation 190-200 with 6 s of attacks."""
+    run = tmp_path / "run"
+    _run(run, CONFIG, {**RESULTS, "stage_times": {"pretrain": [100.0, 150.0], "finetune": [150.0, 190.0],
+                                                  "evaluate": [190.0, 200.0]},
+                       "attack_seconds": {"natural": 1.0, "pgd20": 5.0}})
+    epochs = {"pretrain": [{"started_at": 110.0, "seconds": 12.0, "data_seconds": 4.0},
+                           {"started_at": 125.0, "seconds": 10.0, "data_seconds": 1.0, "validation_seconds": 2.0}],
+              "finetune": [{"started_at": 160.0, "seconds": 20.0, "data_seconds": 3.0, "validation_seconds": 4.0}]}
+    for stage, rows in epochs.items():
+        (run / stage).mkdir()
+        (run / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["runs", str(tmp_path), "--fixed-costs", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "run,stage,wall,computation,fixed,start,first batch,data waits,between epochs,teardown"
+    # pre-training: start 10, first batch 4, later waits 1, 125 - 122 = 3 between, 150 - 137 = 13 teardown;
+    # computation (12 - 4) + (10 - 1 + 2) = 19; 19 + 31 = 50 s of wall
+    assert lines[1] == "run,pretrain,50.0,19.0,31.0,10.0,4.0,1.0,3.0,13.0"
+    assert lines[2] == "run,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0"
+    assert lines[3] == "run,evaluate,10.0,6.0,4.0,4.0,,,,"

@@ -133,6 +133,7 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         sums: Metrics = {}
         epoch_values: Metrics = {}
         steps, images_seen, started, probe_seconds = 0, 0, time.perf_counter(), 0.0
+        started_at = time.time()  # wall clock, to hold against the stage's window (mimir runs --fixed-costs)
         batches = _TimedBatches(epoch_batches(shard, batch_size=local_batch, data=cfg.data, seed=cfg.seed,
                                               epoch=epoch, rank=rank, device=device))
         if rank == 0:
@@ -162,7 +163,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
         elapsed = time.perf_counter() - started
         epoch_values["data_seconds"] = torch.tensor(batches.seconds)  # averaged over the workers
         report = _mean_across_workers(sums, steps, epoch_values, device)
-        report.update(epoch=epoch, lr=lr, seconds=elapsed, images_per_second=images_seen * world / elapsed)
+        report.update(epoch=epoch, lr=lr, seconds=elapsed, images_per_second=images_seen * world / elapsed,
+                      started_at=started_at)
         if probe is not None:
             report["probe_seconds"] = probe_seconds
         last = epoch == optim_cfg.epochs - 1
