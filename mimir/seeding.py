@@ -19,10 +19,11 @@ STREAMS = {
     "shuffle": 5,     # a worker's local shuffle buffer in one epoch
     "file_order": 6,  # the order of the split's files (Ray Data adds the epoch)
     "block_order": 7, # the order of a cached split's blocks (Ray Data adds the epoch)
-    "generated": 8,   # which generated rows join an epoch, and where (Ray Data adds the epoch)
+    "generated": 8,   # which generated rows join an epoch (Ray Data adds the epoch)
     "split": 9,       # the validation hold-out
     "evaluate": 10,   # the evaluation attacks' random starts (PGD, AutoAttack, a loss surface's PGD)
     "directions": 11, # a loss surface's two random directions
+    "mixed_order": 12,  # the order of an epoch's real and generated rows (Ray Data adds the epoch)
 }
 
 

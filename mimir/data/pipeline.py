@@ -225,7 +225,7 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     generated = read_split(generated_dir, "train", cache_in_memory, seed=seed).map_batches(_generated_index)
     if wanted < n_gen_available:
         generated = generated.random_sample(wanted / n_gen_available, seed=_per_epoch(seed, "generated"))
-    return real.union(generated).random_shuffle(seed=_per_epoch(seed, "generated"))
+    return real.union(generated).random_shuffle(seed=_per_epoch(seed, "mixed_order"))
 
 
 def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
