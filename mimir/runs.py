@@ -138,13 +138,14 @@ def stage_fixed_costs(results: dict[str, Any], stage_folder: Path | None, stage:
 
 
 def stage_folder(run: Path, config: dict[str, Any], results: dict[str, Any], stage: str) -> Path | None:
-    """Where a run's stage wrote its metrics: under its storage (``scaling.storage_path``, else the
-    run folder); a pre-training a sweep trial found in its cache is no work of this run (None)."""
-    if stage == "pretrain" and results.get("pretrain_cache_hit") is not None:
+    """Where a run's stage wrote its metrics: the run folder (a ``mimir run``, a sweep trial), else
+    its local ``scaling.storage_path``; None for a sweep trial's cached pre-training (kept under the
+    sweep's cache, and no work of this trial when it was a hit) or storage behind a URI."""
+    if stage == "pretrain" and "pretrain_cache_hit" in results:
         return None
     root = (config.get("scaling") or {}).get("storage_path")
-    folder = run / stage if root is None else Path(root) / stage
-    return folder if "://" not in str(root or "") else None
+    candidates = [run / stage] + ([Path(root) / stage] if root and "://" not in root else [])
+    return next((c for c in candidates if (c / "metrics.jsonl").is_file()), None)
 
 
 def fixed_costs_table(root: str | Path, fmt: str = "markdown") -> str:
@@ -160,7 +161,7 @@ def fixed_costs_table(root: str | Path, fmt: str = "markdown") -> str:
         name = str(run.relative_to(root)) if run != root else str(run)
         for stage in STAGES:
             folder = stage_folder(run, config, results, stage)
-            costs = stage_fixed_costs(results, folder, stage) if folder is not None or stage == "evaluate" else None
+            costs = stage_fixed_costs(results, folder, stage)
             if costs is not None:
                 rows.append([name, stage, *(costs.get(k) for k in ("wall", "computation", "fixed", "start",
                                                                      "first_batch", "data_waits", "between_epochs",

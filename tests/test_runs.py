@@ -89,3 +89,14 @@ def test_fixed_costs_split_each_stages_wall_time_into_computation_and_the_rest(t
     assert lines[1] == "run,pretrain,50.0,19.0,31.0,10.0,4.0,1.0,3.0,13.0"
     assert lines[2] == "run,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0"
     assert lines[3] == "run,evaluate,10.0,6.0,4.0,4.0,,,,"
+    # a sweep trial: storage_path names the sweep's storage, its stages lie in the trial's folder, and a
+    # pre-training found in the cache is no work of this trial
+    trial = tmp_path / "sweep" / "trials" / "a"
+    _run(trial, {**CONFIG, "scaling": {"storage_path": str(tmp_path / "sweep")}},
+         {**RESULTS, "pretrain_cache_hit": True, "attack_seconds": {"pgd20": 5.0},
+          "stage_times": {"pretrain": [0.0, 1.0], "finetune": [150.0, 190.0], "evaluate": [190.0, 200.0]}})
+    (trial / "finetune").mkdir()
+    (trial / "finetune" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs["finetune"]))
+    assert main(["runs", str(tmp_path / "sweep"), "--fixed-costs", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["trials/a,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0",
+                                                        "trials/a,evaluate,10.0,5.0,5.0,5.0,,,,"]

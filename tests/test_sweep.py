@@ -253,6 +253,11 @@ def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(ray_local, tmp_pa
     assert "| diverges | failed |" in write_reports(spec, experiment)
 
 
+def _trial_records(experiment: Path) -> list[dict]:
+    """Every finished trial's results.json, in folder order."""
+    return [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+
+
 def _tune_trials(experiment: Path) -> list[tuple[dict, float]]:
     """Each trial Tune recorded: its point and its final objective."""
     from ray import tune
@@ -264,7 +269,7 @@ def _tune_trials(experiment: Path) -> list[tuple[dict, float]]:
 def test_a_grid_sweep_is_tunes_grid_search_and_resumes(ray_local, tmp_path, fake_trial):
     spec_path = _spec(tmp_path, "space: {pretrain.mi.weight: {grid: [1.0e-5, 0.0]}, finetune.blr: {grid: [5.0e-3, 1.0e-2]}}\n")
     experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
-    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    results = _trial_records(experiment)
     assert len(results) == 4
     # Tune holds the same four trials as the records, named by their values, with the same values; no
     # Optuna study for a grid
@@ -294,7 +299,7 @@ def test_asha_steers_on_validation_and_never_stops_a_trial_before_its_evaluation
         "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\nseeds: 2\n"
         "space: {finetune.blr: {grid: [1.0e-3, 2.0e-3]}}\n"))
     experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
-    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    results = _trial_records(experiment)
     assert len(results) == 2  # both evaluated
     for r in results:
         assert r["num_seeds"] == 2 and r["seeds"] == [0, 1]
@@ -319,7 +324,7 @@ def test_a_sampled_sweep_is_optunas_tpe_and_learns_final_values_only(ray_local, 
         "sampler: tpe\nnum_samples: 3\n"
         "space: {finetune.blr: {loguniform: [1.0e-4, 1.0e-2]}, finetune.method: {choice: [pgd, fast]}}\n"))
     experiment = run_sweep(spec_path, out=str(tmp_path / "exp"), run=fake_trial)
-    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    results = _trial_records(experiment)
     assert len(results) == 3
     assert all(1e-4 <= r["config"]["finetune"]["blr"] <= 1e-2 for r in results)
     study = optuna.load_study(study_name=study_name(spec_of(spec_path), experiment),
@@ -342,7 +347,7 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
         "surface: {steps: 3, num_images: 12, attack_steps: 2, inputs: [natural, adversarial]}\n"
         "rows: [{label: blr 5e-3, set: {finetune.blr: 5.0e-3}}, {label: blr 1e-2, set: {finetune.blr: 1.0e-2}}]\n"))
     experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
-    results = [json.loads(p.read_text()) for p in sorted((experiment / "trials").glob("*/results.json"))]
+    results = _trial_records(experiment)
     assert len(results) == 2
     stored = tmp_path / "bucket" / "sweeps" / "exp"
     assert len(list((stored / "pretrain_cache").glob("*/mimir_stage.json"))) == 1
