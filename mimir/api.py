@@ -19,8 +19,9 @@ import ray.train
 import torch
 
 from mimir.config import RunConfig, build_config, load_config
+from mimir.errors import CheckpointError
 from mimir.models import Classifier
-from mimir.train.checkpoint import load_state
+from mimir.train.checkpoint import load_state, verify_checkpoint
 
 __all__ = ["evaluate", "finetune", "load_classifier", "load_run_config", "pretrain", "run", "sweep"]
 
@@ -52,6 +53,10 @@ def checkpoint_argument(path: str | Path, stage: str, option: str) -> ray.train.
             raise FileNotFoundError(f"{option}: {path}: not a mimir checkpoint (no model.safetensors)")
         if state.get("stage") not in (None, stage):
             raise FileNotFoundError(f"{option}: {path} is a {state['stage']} checkpoint; a {stage} one is needed")
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{option}: {err}") from None
     return ray.train.Checkpoint(path if "://" in path else str(Path(path).resolve()))
 
 

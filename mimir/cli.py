@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,17 @@ def _data_prepare(args: argparse.Namespace) -> int:
     path = prepare_dataset(args.name, args.source, out, download=args.download, overwrite=args.overwrite,
                            name_as=args.name_as)
     print(f"prepared {args.name} -> {path}")
+    return 0
+
+
+def _data_verify(args: argparse.Namespace) -> int:
+    from mimir.config import DataConfig
+    from mimir.data.format import verify_dataset
+    from mimir.data.pipeline import resolve_dataset
+
+    path = resolve_dataset(DataConfig(dataset=args.name, root=args.root))
+    verify_dataset(path, hashes=True)
+    print(f"{path}: every shard is whole and as written")
     return 0
 
 
@@ -343,24 +358,68 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--download", action="store_true", help="fetch CIFAR-10 first (needs a network)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     prepare.set_defaults(handler=_data_prepare)
+    verify = data.add_parser("verify", help="check every shard of a prepared dataset against the sizes and "
+                                            "SHA-256 its manifest recorded (a run checks sizes always, hashes up to 2 GiB)")
+    verify.add_argument("name", help="a prepared dataset's name or folder")
+    verify.add_argument("--root", help="folder of prepared datasets (default $MIMIR_DATA_DIR or ~/.cache/mimir/datasets)")
+    verify.set_defaults(handler=_data_verify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_verbose(getattr(args, "verbose", False))
-    from mimir.errors import ConfigError, DatasetError, NonFiniteRun, StageExistsError
+    from mimir.errors import USER_ERRORS, Interrupted, NonFiniteRun
 
     handler = load_handler(args.handler) if isinstance(args.handler, str) else args.handler
+    received: list[Interrupted] = []
     try:
-        return handler(args)
-    except (ConfigError, DatasetError, StageExistsError, FileNotFoundError) as err:
+        with stop_on_signals(received):
+            return handler(args)
+    except USER_ERRORS as err:
         print(f"mimir: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteRun as err:
         print(f"mimir: error: {err}; no results were written (see failed.json). The paper reran such "
               f"runs with a ten times smaller learning rate ({err.stage}.blr)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # ours, or the one Ray raises in its place inside ray.get
+        stop = err if isinstance(err, Interrupted) else (received or [Interrupted("SIGINT", 130)])[0]
+        print(f"mimir: stopped by {stop.signal_name}. Finished stages and the checkpoints registered before it are "
+              "kept; the same command with --resume continues from them", file=sys.stderr)
+        return stop.code
+
+
+@contextlib.contextmanager
+def stop_on_signals(received: list[Any]) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice before it preempts a job) raise Interrupted
+    in the main thread, so the command unwinds: Ray Train's workers stop with the driver, a
+    checkpoint being written when the signal came is never registered (a resume ignores it), the
+    stages finished before stay finished. A second signal, also while Ray shuts down after the
+    command returned, exits at once. ``received`` collects the signal (as Interrupted): Ray's
+    ``ray.get`` raises a KeyboardInterrupt of its own in place of the handler's exception."""
+    from mimir.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            print(f"mimir: {name} again: aborting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received.append(Interrupted(name, 128 + signum))
+        print(f"mimir: {name} received: stopping (send it again to abort at once)", file=sys.stderr, flush=True)
+        raise received[0]
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if not received:  # after one, the process is ending: the next must still abort it
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,20 @@ DROPPED = {
 }
 
 
+# where Ray Train's worker logs the traceback of an exception from the training function
+RAY_TRAIN_USER_ERROR_LOGGER = "ray.train.v2._internal.util"
+
+
+class NamedErrorTracebacks(logging.Filter):
+    """Drops a worker's traceback of a mimir error (a damaged checkpoint, a full disk): the driver
+    prints its message, which names what is wrong; other errors keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Error in training function")
+                    and message.rstrip().splitlines()[-1].startswith("mimir.errors."))
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 

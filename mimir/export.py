@@ -33,7 +33,7 @@ import torch.nn as nn
 from mimir import model_card
 from mimir.config import RunConfig
 from mimir.errors import ConfigError
-from mimir.metrics import filesystem
+from mimir.storage import filesystem
 from mimir.evaluation import load_classifier as load_classifier_weights
 from mimir.models import create_encoder
 from mimir.stages import read_stage_record, stage_checkpoint, storage_root

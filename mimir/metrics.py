@@ -31,6 +31,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from mimir.storage import filesystem, with_retries, write_bytes
+
 HISTORY = "metrics.jsonl"
 TABLE = "metrics.csv"
 EVENTS_PREFIX = "events.out.tfevents."
@@ -49,16 +51,6 @@ def tensorboard_tag(key: str) -> str | None:
         return f"time/{key}"
     return f"train/{key}"
 
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and inner path of a local path (made absolute) or a URI."""
-    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).expanduser().resolve()))
-
-
-def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
 
 
 def csv_text(records: list[dict[str, Any]]) -> str:
@@ -90,7 +82,7 @@ class _Events:
         # wait for that queue, so a copy to a URI could miss the epoch just logged
         from tensorboardX.event_file_writer import EventsWriter
 
-        self.fs, self.path = filesystem(folder)
+        self.folder, (self.fs, self.path) = folder, filesystem(folder)
         self.remote = "://" in folder
         self.fs.create_dir(self.path, recursive=True)
         for info in self.fs.get_file_info(pafs.FileSelector(self.path)):
@@ -105,10 +97,10 @@ class _Events:
 
         for tag, value in values.items():
             self.writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
-        self.writer.flush()
+        with_retries(self.local, self.writer.flush, waits=())
         if self.remote:
             for name in Path(self.local).iterdir():
-                _write(self.fs, f"{self.path}/{name.name}", name.read_bytes())
+                write_bytes(f"{self.folder.rstrip('/')}/{name.name}", name.read_bytes())
 
     def close(self) -> None:
         self.writer.close()
@@ -180,7 +172,7 @@ class MetricsLog:
     later ones."""
 
     def __init__(self, folder: str, start_epoch: int, tracker: Tracker | None = None):
-        self.fs, self.path = filesystem(folder)
+        self.folder = folder.rstrip("/")
         self.records = [r for r in read_history(folder) if r["epoch"] < start_epoch] if start_epoch else []
         self.sinks: list[_Events | Tracker] = [_Events(folder), *([tracker] if tracker else [])]
         for record in self.records:
@@ -192,8 +184,8 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        _write(self.fs, f"{self.path}/{HISTORY}", "".join(json.dumps(r) + "\n" for r in self.records).encode())
-        _write(self.fs, f"{self.path}/{TABLE}", csv_text(self.records).encode())
+        write_bytes(f"{self.folder}/{HISTORY}", "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        write_bytes(f"{self.folder}/{TABLE}", csv_text(self.records).encode())
         self._curves(record)
 
     def close(self) -> None:
@@ -204,10 +196,9 @@ class MetricsLog:
 def write_evaluation(folder: str, results: dict[str, Any], step: int, tracker: Tracker | None = None) -> None:
     """The test accuracies of an evaluation: ``metrics.csv`` (attack, accuracy %, seconds) and the
     tags ``evaluate/<attack>`` at ``step`` (the fine-tuning epochs) in TensorBoard and ``tracker``."""
-    fs, path = filesystem(folder)
     rows = [{"attack": attack, "accuracy": accuracy, "seconds": results["attack_seconds"].get(attack),
              "num_images": results["num_images"]} for attack, accuracy in results["accuracy"].items()]
-    _write(fs, f"{path}/{TABLE}", csv_text(rows).encode())
+    write_bytes(f"{folder.rstrip('/')}/{TABLE}", csv_text(rows).encode())
     accuracies = {f"evaluate/{attack}": accuracy for attack, accuracy in results["accuracy"].items()}
     for sink in (_Events(folder), *([tracker] if tracker else [])):
         sink.scalars(accuracies, step)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 import ray
@@ -33,6 +35,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     (mimir.console)."""
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    _init(num_cpus)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces the caller's with sys.exit
+
+
+def _init(num_cpus: int | None) -> None:
     quiet_ray_data()
     local = not os.environ.get("RAY_ADDRESS")
     if not verbose():

@@ -6,7 +6,6 @@ and the run folder), :mod:`mimir.trainers` (the TorchTrainers and the evaluation
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -17,15 +16,18 @@ import ray.train
 import torch
 
 from mimir.config import FAILED, STAGES, RunConfig
-from mimir.data.format import load_manifest
+from mimir.data.format import load_manifest, verify_dataset
 from mimir.data.pipeline import resolve_dataset
 from mimir.errors import ConfigError, NonFiniteRun
+from mimir.folder_lock import folder_lock
 from mimir.memory import check_run_memory
 from mimir.metrics import Tracker, check_trackers, write_evaluation
 from mimir.pretrain_cache import cache_lease
 from mimir.ray_env import init_ray
-from mimir.stages import (_join, check_finite, check_output, check_stage, read_stage_record, record_failure,
-                          stage_checkpoint, storage_root, write_json_atomically)
+from mimir.stages import (_join, check_finite, check_output, check_stage, checkpoints_to_read, read_stage_record,
+                          record_failure, stage_checkpoint, storage_root)
+from mimir.storage import check_writable, write_json
+from mimir.train.checkpoint import verify_checkpoint
 from mimir.trainers import run_evaluate, run_finetune, run_pretrain, validation_record
 
 
@@ -124,13 +126,20 @@ def preflight(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = 
     needs), the accelerator and whether each training stage's batch fits in memory. Returns the
     training stages that will run and a line per stage saying what happens to it; raises on the
     first problem. ``dry_run``: nothing is removed (``--overwrite`` only names what it would replace)."""
-    manifest = load_manifest(resolve_dataset(cfg.data))  # a missing dataset stops here, before anything is removed
+    dataset_dir = resolve_dataset(cfg.data)  # a missing or damaged dataset stops here, before anything is removed
+    verify_dataset(dataset_dir)
+    manifest = load_manifest(dataset_dir)
     check_trackers(cfg.log)
     if cfg.data.generated:
-        load_manifest(resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})))
+        verify_dataset(resolve_dataset(cfg.data.model_copy(update={"dataset": cfg.data.generated})))
     replaced = check_output(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained_given,
                             finetuned_given=finetuned_given, remove=not dry_run)
+    for checkpoint in checkpoints_to_read(cfg, stages, resume=resume, pretrained_given=pretrained_given,
+                                          finetuned_given=finetuned_given):
+        verify_checkpoint(checkpoint)
     storage = storage_root(cfg)
+    if not dry_run:
+        check_writable(storage)
     training, lines = [], []
     for stage in ("pretrain", "finetune"):
         if stage not in stages:
@@ -159,21 +168,22 @@ def preflight(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = 
 def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = False, overwrite: bool = False,
                  pretrained: ray.train.Checkpoint | None = None,
                  finetuned: ray.train.Checkpoint | None = None) -> dict[str, Any]:
-    """``mimir run`` and the single-stage commands: check the output folder, run the stages, write
-    ``results.json`` (or ``failed.json`` for a diverged run) and return the results."""
-    preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
-              finetuned_given=finetuned is not None)
-    storage = storage_root(cfg)
-    init_ray()
+    """``mimir run`` and the single-stage commands: hold the output folder (one writer at a time),
+    check it, run the stages, write ``results.json`` (or ``failed.json`` for a diverged run) and
+    return the results."""
     out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    try:
-        results = run_stages(cfg, stages, storage=storage, resume=resume, pretrained=pretrained,
-                             finetuned=finetuned)
-    except NonFiniteRun as err:
-        record_failure(out, cfg, err)
-        raise
-    write_json_atomically(out / "results.json", results)
-    (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer describes this folder
+    with folder_lock(out, "run"):
+        preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
+                  finetuned_given=finetuned is not None)
+        storage = storage_root(cfg)
+        init_ray()
+        write_json(out / "config.json", cfg.model_dump(mode="json"))
+        try:
+            results = run_stages(cfg, stages, storage=storage, resume=resume, pretrained=pretrained,
+                                 finetuned=finetuned)
+        except NonFiniteRun as err:
+            record_failure(out, cfg, err)
+            raise
+        write_json(out / "results.json", results)
+        (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer describes this folder
     return results

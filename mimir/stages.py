@@ -22,7 +22,7 @@ import ray.train
 
 from mimir.config import FAILED, STAGE_RECORD, RunConfig, config_changes
 from mimir.errors import NonFiniteRun, StageExistsError
-from mimir.metrics import filesystem
+from mimir.storage import filesystem, is_remote, read_bytes, write_json
 
 
 def storage_root(cfg: RunConfig) -> str:
@@ -36,17 +36,12 @@ def _join(root: str, *parts: str) -> str:
 
 
 def read_stage_record(storage: str, name: str) -> dict[str, Any] | None:
-    fs, path = filesystem(_join(storage, name, STAGE_RECORD))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read())
+    data = read_bytes(_join(storage, name, STAGE_RECORD))
+    return None if data is None else json.loads(data)
 
 
 def _write_stage_record(storage: str, name: str, record: dict[str, Any]) -> None:
-    fs, path = filesystem(_join(storage, name, STAGE_RECORD))
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(record, indent=2).encode())
+    write_json(_join(storage, name, STAGE_RECORD), record)
 
 
 def _run_exists(storage: str, name: str) -> bool:
@@ -153,6 +148,33 @@ def check_output(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
     return replaced
 
 
+def checkpoints_to_read(cfg: RunConfig, stages: Sequence[str], *, resume: bool = False,
+                        pretrained_given: bool = False, finetuned_given: bool = False) -> list[str]:
+    """The checkpoints in the run folder that this run will start from (an unfinished stage's latest
+    under --resume, the pre-training fine-tuning starts from, the fine-tuning evaluated), so that a
+    damaged one is named before anything starts. Empty for remote storage: a worker verifies what
+    it downloads."""
+    storage = storage_root(cfg)
+    if is_remote(storage):
+        return []
+    paths = []
+    records = {stage: read_stage_record(storage, stage) for stage in ("pretrain", "finetune")}
+    for stage in ("pretrain", "finetune"):
+        if stage in stages and records[stage] is None and resume and _run_exists(storage, stage):
+            try:
+                latest = ray.train.Result.from_path(_join(storage, stage)).checkpoint
+            except RuntimeError:  # no checkpoint registered yet
+                latest = None
+            if latest is not None:
+                paths.append(latest.path)
+    if ("finetune" in stages and records["finetune"] is None and cfg.pretrain.enabled and not pretrained_given
+            and records["pretrain"] is not None):
+        paths.append(stage_checkpoint(storage, records["pretrain"]).path)
+    if "evaluate" in stages and not finetuned_given and records["finetune"] is not None:
+        paths.append(stage_checkpoint(storage, records["finetune"], cfg.evaluate.checkpoint).path)
+    return paths
+
+
 def check_finite(stage: str, record: dict[str, Any] | None) -> None:
     """Raise NonFiniteRun when a finished stage diverged: its weights are no result."""
     metrics = (record or {}).get("metrics", {})
@@ -161,15 +183,8 @@ def check_finite(stage: str, record: dict[str, Any] | None) -> None:
         raise NonFiniteRun(stage, f"ended with loss {loss} ({skipped:.0%} of steps skipped as non-finite)")
 
 
-def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
-    """Write ``path`` through a renamed temporary file: a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(path)
-
-
 def record_failure(out: Path, cfg: RunConfig, err: BaseException) -> None:
     """``failed.json`` where ``results.json`` would be: the config and the reason."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / FAILED, {"config": cfg.model_dump(mode="json"),
+    write_json(out / FAILED, {"config": cfg.model_dump(mode="json"),
                                          "reason": f"{type(err).__name__}: {err}"})

@@ -35,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mimir.config import FAILED
 from mimir.errors import ConfigError
-from mimir.metrics import filesystem
+from mimir.storage import filesystem
 from mimir.spec import (TRIALS, SweepSpec, experiment_dir, find_sources, grid_trials, load_command_spec,
                         source_key, trial_config, trial_identity)
 from mimir.surface import sweep_figure, trial_surface
@@ -152,7 +152,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     """``run`` the trial; on a non-finite run, once more with that stage's lr / 10 (the authors'
     remedy), in ``trial_dir/retry_lr_div10``. Writes ``trial_dir/results.json``, whose ``retried``
     says whether the retry made them."""
-    from mimir.stages import write_json_atomically
+    from mimir.storage import write_json
     from mimir.errors import NonFiniteRun
 
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
             raise TrialFailed(f"{err}; the retry with {stage} lr / 10 failed too: {retry_err}") from retry_err
         results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
     results["trial_config_hash"] = cfg.config_hash()  # of the trial as asked for, before any retry
-    write_json_atomically(trial_dir / "results.json", results)
+    write_json(trial_dir / "results.json", results)
     return results
 
 
@@ -205,7 +205,7 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
               run: TrialRunner = run_trial, tune_session: bool = True) -> dict[str, Any]:
     """A trial's point run with ``spec.seeds`` seeds, each reusing its results if it finished before
     an interruption; writes and returns the trial's record (one run's, or their combination)."""
-    from mimir.stages import write_json_atomically
+    from mimir.storage import write_json
 
     if spec.seeds > 1:
         done = finished_results(cfg, trial_dir)
@@ -228,7 +228,7 @@ def run_point(cfg: Any, spec: SweepSpec, experiment: Path, trial_dir: Path,
     if spec.seeds == 1:
         return runs[0]
     combined = combine_seeds(cfg, runs)
-    write_json_atomically(trial_dir / "results.json", combined)
+    write_json(trial_dir / "results.json", combined)
     return combined
 
 
@@ -240,7 +240,8 @@ def run_grid_trial(point: dict[str, Any], *, base: dict[str, Any], spec: SweepSp
     record, which names the trial's row and group. A failure is written to the trial's folder and
     raised. Returns the config and the record. ``tune_session`` False: outside Tune, so no validation
     epochs are reported to it."""
-    from mimir.stages import record_failure, write_json_atomically
+    from mimir.stages import record_failure
+    from mimir.storage import write_json
 
     identity = trial_identity(spec, point)
     cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
@@ -255,15 +256,15 @@ def run_grid_trial(point: dict[str, Any], *, base: dict[str, Any], spec: SweepSp
                    **identity}
         if spec.surface is not None and "surface" not in results:
             results["surface"] = trial_surface(results, spec.surface)
-            write_json_atomically(trial_dir / "results.json", results)
+            write_json(trial_dir / "results.json", results)
     except Exception as err:
         record_failure(trial_dir, cfg, err)
         if identity:
             failure = json.loads((trial_dir / FAILED).read_text())
-            write_json_atomically(trial_dir / FAILED, {**failure, **identity})
+            write_json(trial_dir / FAILED, {**failure, **identity})
         raise
     if identity:
-        write_json_atomically(trial_dir / "results.json", results)
+        write_json(trial_dir / "results.json", results)
     return cfg, results
 
 
@@ -315,65 +316,66 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from mimir.folder_lock import folder_lock
     from mimir.pretrain_cache import pretrain_leases, release_pretrain_leases
     from mimir.ray_env import init_ray
 
     spec, base = load_command_spec(spec_path, overrides, tiny=tiny, max_concurrent=max_concurrent)
     experiment = experiment_dir(spec, out)
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / "spec.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"),
-                                                      "spec_path": str(Path(spec_path).resolve())}, indent=2))
-    init_ray()
-    storage = sweep_storage(base, spec, experiment)
-    # the trials' lock on the pre-training cache, owned here so that it outlives every trial
-    leases = pretrain_leases(f"{storage}/{PRETRAIN_CACHE}")
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment),
-                             storage=storage, sources=find_sources(base, spec, experiment), run=run),
-        # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
-        {"cpu": 0, "memory": 256 * 1024**2})
-    tune_dir = f"{storage}/tune"
-    if resume and tune.Tuner.can_restore(tune_dir):
-        tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
-    else:
-        if _exists(tune_dir):
-            raise ConfigError(f"{experiment} already holds this sweep (in {tune_dir}); pass --resume to continue it, "
-                              "or --out another folder")
-        # a grid is Tune's own grid search; a sampled space goes to Optuna
-        searcher = final_value_search(spec, experiment, storage_url) if spec.sampler == "tpe" else None
-        scheduler = None
-        if spec.scheduler is not None:
-            scheduler = ASHAScheduler(time_attr="finetune_epoch", metric="objective", mode=spec.objective.mode,
-                                      max_t=max_finetune_epochs(spec, base) * spec.seeds,
-                                      grace_period=spec.scheduler.grace_period,
-                                      reduction_factor=spec.scheduler.reduction_factor)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec),
-            # reuse_actors: the next trial runs in the finished trial's process, which has imported
-            # torch and mimir already (seconds per trial on a small machine)
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=1 if spec.sampler == "grid" else spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
-        )
-    grid = tuner.fit()
-    release_pretrain_leases(leases)
-    for result in grid:
-        keep_record(experiment, base, spec, result)
-        if result.error:
-            print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
-                  flush=True)
-    if spec.surface is not None:
-        sweep_figure(spec, experiment)
+    with folder_lock(experiment, "sweep"):
+        (experiment / "spec.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"),
+                                                          "spec_path": str(Path(spec_path).resolve())}, indent=2))
+        init_ray()
+        storage = sweep_storage(base, spec, experiment)
+        # the trials' lock on the pre-training cache, owned here so that it outlives every trial
+        leases = pretrain_leases(f"{storage}/{PRETRAIN_CACHE}")
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, base=base, spec_json=spec.model_dump(mode="json"), experiment=str(experiment),
+                                 storage=storage, sources=find_sources(base, spec, experiment), run=run),
+            # the trial driver only orchestrates: no CPU (its TorchTrainer workers and Ray Data take those)
+            {"cpu": 0, "memory": 256 * 1024**2})
+        tune_dir = f"{storage}/tune"
+        if resume and tune.Tuner.can_restore(tune_dir):
+            tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
+        else:
+            if _exists(tune_dir):
+                raise ConfigError(f"{experiment} already holds this sweep (in {tune_dir}); pass --resume to continue it, "
+                                  "or --out another folder")
+            # a grid is Tune's own grid search; a sampled space goes to Optuna
+            searcher = final_value_search(spec, experiment, storage_url) if spec.sampler == "tpe" else None
+            scheduler = None
+            if spec.scheduler is not None:
+                scheduler = ASHAScheduler(time_attr="finetune_epoch", metric="objective", mode=spec.objective.mode,
+                                          max_t=max_finetune_epochs(spec, base) * spec.seeds,
+                                          grace_period=spec.scheduler.grace_period,
+                                          reduction_factor=spec.scheduler.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(spec),
+                # reuse_actors: the next trial runs in the finished trial's process, which has imported
+                # torch and mimir already (seconds per trial on a small machine)
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                            num_samples=1 if spec.sampler == "grid" else spec.num_samples,
+                                            max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+            )
+        grid = tuner.fit()
+        release_pretrain_leases(leases)
+        for result in grid:
+            keep_record(experiment, base, spec, result)
+            if result.error:
+                print(f"[sweep] trial failed: {type(result.error).__name__}: {str(result.error).splitlines()[0]}",
+                      flush=True)
+        if spec.surface is not None:
+            sweep_figure(spec, experiment)
     return experiment
 
 
 def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result: Any) -> None:
     """A trial's ``results.json`` (or ``failed.json``) in the experiment folder, from what it reported
     to Tune, where its own process could not write it (it ran on another node of a cluster)."""
-    from mimir.stages import write_json_atomically
+    from mimir.storage import write_json
 
     # Tune names a trial's folder "<trainable>_<trial id>_<index>_..."; the trainable is "_trainable"
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("_trainable_").split("_")[0]
@@ -381,14 +383,14 @@ def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result:
     if (trial_dir / "results.json").exists() or (trial_dir / FAILED).exists():
         return
     if RECORD in (result.metrics or {}):
-        write_json_atomically(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
+        write_json(trial_dir / "results.json", json.loads(result.metrics[RECORD]))
     elif result.error is not None:
         params = result.config or json.loads(_read(f"{result.path}/params.json"))  # restored: only on storage
         point = trial_point(spec, params)
         cfg = trial_config(base, spec, point, output_dir=str(trial_dir))
         # the traceback's last line, "package.module.Error: message", as the trial itself words it
         name, _, message = str(result.error).strip().splitlines()[-1].partition(": ")
-        write_json_atomically(trial_dir / FAILED, {"config": cfg.model_dump(mode="json"),
+        write_json(trial_dir / FAILED, {"config": cfg.model_dump(mode="json"),
                                                    "reason": f"{name.rsplit('.', 1)[-1]}: {message}",
                                                    **trial_identity(spec, point)})
 

@@ -17,6 +17,7 @@ from mimir.console import Progress
 from mimir.data.format import load_manifest
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
                                  validation_dataset)
+from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
 from mimir.ray_env import quiet_ray_data
@@ -66,7 +67,13 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
         # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish
         dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        named = named_cause(err)
+        if named is None:
+            raise
+        raise named from None
     if result.checkpoint is None:
         raise RuntimeError(f"[{stage}] finished without a checkpoint")
     record = {"stage": stage, "checkpoint": _relative(result.checkpoint), "metrics": result.metrics,
@@ -184,4 +191,10 @@ def run_evaluate(cfg: RunConfig, checkpoint: ray.train.Checkpoint) -> dict[str, 
     task = ray.remote(_evaluate_task).options(
         num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
+    try:
+        return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint))
+    except ray.exceptions.RayTaskError as err:
+        named = named_cause(err)
+        if named is None:
+            raise
+        raise named from None

@@ -1,6 +1,6 @@
 """`mimir run` end to end, and what its seed fixes: through the whole Ray pipeline (Ray Data reads
 and augmentations, Ray Train workers, validation, evaluation) a seed fixes every per-epoch metric
-and accuracy; a run killed mid-stage and resumed ends exactly as the uninterrupted one. (That another
+and accuracy; a run killed mid-stage (SIGKILL), or stopped by SIGTERM, and resumed ends exactly as the uninterrupted one. (That another
 seed changes each random stream: tests/test_steps.py and tests/test_validation_split.py.)
 """
 
@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,21 +46,32 @@ def _history(out: Path, stage: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_history(str(out / stage))]
 
 
-def _kill_after_first_finetune_checkpoint(args: list[str], out: Path, ray_address: str) -> None:
+def _interrupt_after_first_checkpoint(args: list[str], out: Path, stage: str, ray_address: str,
+                                      signum: int) -> tuple[int, str, float]:
     """`mimir run` in a process of its own, a driver joining this test's Ray as one joins a cluster,
-    killed hard once fine-tuning has written the checkpoint of its first epoch."""
+    interrupted once ``stage`` has written the checkpoint of its first epoch: SIGKILL to its whole
+    process group (a crash), or SIGTERM to the driver alone (a scheduler's notice: the driver must
+    stop its workers itself). Returns the exit code, what the driver printed to stderr and the
+    seconds from the signal to its exit."""
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", "run", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not list((out / "finetune").glob("checkpoint_*/state.json")):
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.time() < deadline, "no fine-tuning checkpoint appeared"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "mimir.cli", "run", *args], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not list((out / stage).glob("checkpoint_*/state.json")):
+                assert proc.poll() is None, "the run ended before it could be interrupted"
+                assert time.time() < deadline, f"no {stage} checkpoint appeared"
+                time.sleep(0.2)
+        finally:
+            signalled = time.time()
+            if signum == signal.SIGKILL:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signum)
+            proc.wait(timeout=60)
+        errors.seek(0)
+        return proc.returncode, errors.read(), time.time() - signalled
 
 
 def _foreign_lines(console: str) -> list[str]:
@@ -127,15 +139,21 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     for key in ("accuracy", "num_images", "pretrain", "finetune", "validation", "evaluated_checkpoint", "config"):
         assert again[key] == results[key], key
 
-    # the same seed in another folder, killed after its first fine-tuning epoch, then resumed:
-    # every epoch of both stages, the best checkpoint and the test accuracies as in the first run
-    again = tmp_path / "b"
-    _kill_after_first_finetune_checkpoint(_args(again, data_root), again, ray_local.get_runtime_context().gcs_address)
-    assert stages.read_stage_record(str(again), "finetune") is None  # it really was cut short
+    # the same seed in another folder, killed hard after its first pre-training epoch and resumed,
+    # then stopped by SIGTERM after its first fine-tuning epoch and resumed again: every epoch of both
+    # stages, the best checkpoint and the test accuracies as in the first run
+    again, address = tmp_path / "b", ray_local.get_runtime_context().gcs_address
+    _interrupt_after_first_checkpoint(_args(again, data_root), again, "pretrain", address, signal.SIGKILL)
+    assert stages.read_stage_record(str(again), "pretrain") is None  # it really was cut short
+    code, errors, seconds = _interrupt_after_first_checkpoint([*_args(again, data_root), "--resume"], again, "finetune",
+                                                     address, signal.SIGTERM)
+    assert code == 143 and "stopped by SIGTERM" in errors and "--resume continues" in errors, errors
+    # no traceback of the driver's own (Ray's threads may print theirs where two Rays share a machine)
+    assert "KeyboardInterrupt" not in errors and "mimir/cli.py" not in errors and seconds < 30, (seconds, errors)
+    assert stages.read_stage_record(str(again), "finetune") is None and not (again / "results.json").exists()
     assert cli.main(["run", *_args(again, data_root), "--resume"]) == 0
     resumed = json.loads((again / "results.json").read_text())
     assert _history(again, "pretrain") == _history(out, "pretrain")
     assert _history(again, "finetune") == finetune_epochs
     assert resumed["accuracy"] == results["accuracy"] and resumed["validation"] == results["validation"]
     assert resumed["finetune"]["best_metrics"]["epoch"] == results["finetune"]["best_metrics"]["epoch"]
-

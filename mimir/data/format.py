@@ -35,6 +35,7 @@ from mimir.errors import DatasetError
 
 FORMAT_VERSION = 2  # 2: the ``index`` column
 MANIFEST_NAME = "manifest.json"
+HASH_CHECK_BYTES = 2 << 30  # a run hashes every shard of a dataset up to this size before it starts (~1.5 s)
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 
 _ROW_GROUP_ROWS = 1024  # bounds writer memory: an ImageNet shard would otherwise sit in RAM whole
@@ -141,23 +142,39 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_dataset(dataset_dir: str | Path) -> None:
-    """Check that every shard in the manifest exists, matches its checksum and row count."""
+def verify_dataset(dataset_dir: str | Path, hashes: bool | None = None) -> None:
+    """Check every shard the manifest lists, naming the first damaged one in a DatasetError: that it
+    exists, has the size recorded at write time (where the manifest records sizes) and a
+    readable Parquet footer with its rows; with ``hashes``, also its SHA-256 (about 1.4 GB/s on one
+    core: a few milliseconds for digits, ~100 s for an ImageNet-1k folder of ~140 GB). ``hashes=None``
+    hashes datasets up to HASH_CHECK_BYTES, the cheap checks only above (``mimir data verify`` then
+    hashes every shard)."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
+    if hashes is None:
+        shards = [dataset_dir / rel for info in manifest["splits"].values() for rel in info["files"]]
+        hashes = sum(path.stat().st_size for path in shards if path.is_file()) <= HASH_CHECK_BYTES
     for split, info in manifest["splits"].items():
         rows = 0
         for rel in info["files"]:
             path = dataset_dir / rel
             if not path.is_file():
-                raise DatasetError(f"{path}: missing shard")
-            if _sha256(path) != info["sha256"][rel]:
-                raise DatasetError(f"{path}: checksum mismatch (shard is corrupt or was modified)")
-            rows += pq.read_metadata(path).num_rows
+                raise DatasetError(f"{path}: missing shard (the manifest lists it)")
+            size, recorded = path.stat().st_size, info.get("bytes", {}).get(rel)
+            if recorded is not None and size != recorded:
+                what = "truncated" if size < recorded else "longer than written"
+                raise DatasetError(f"{path}: damaged shard, {what}: {size} bytes where {recorded} were written; "
+                                   "prepare the dataset again (`mimir data prepare ... --overwrite`)")
+            try:
+                rows += pq.read_metadata(path).num_rows
+            except (OSError, pa.ArrowException) as err:
+                raise DatasetError(f"{path}: damaged shard, not readable as Parquet ({err})") from err
+            if hashes and _sha256(path) != info["sha256"][rel]:
+                raise DatasetError(f"{path}: damaged shard, altered since it was written (SHA-256 differs from "
+                                   "the manifest's); prepare the dataset again")
         if rows != info["num_rows"]:
             raise DatasetError(f"{dataset_dir}: split {split!r} has {rows} rows, "
                                f"manifest says {info['num_rows']}")
-
 
 def read_split_arrays(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W, C) uint8 and labels (N,) int64 of a raw-encoded split, in stored order."""
@@ -253,6 +270,7 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
     rows = iter(rows)
     files: list[str] = []
     digests: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     total = 0
     while batch := list(islice(rows, min(rows_per_shard, _ROW_GROUP_ROWS))):
         rel = f"{split}/part-{len(files):05d}.parquet"
@@ -268,9 +286,10 @@ def _write_split(root: Path, split: str, rows: Iterable[Row], rows_per_shard: in
         total += in_shard
         files.append(rel)
         digests[rel] = _sha256(root / rel)
+        sizes[rel] = (root / rel).stat().st_size
     if progress is not None:
         progress.close()
-    return {"num_rows": total, "files": files, "sha256": digests}
+    return {"num_rows": total, "files": files, "sha256": digests, "bytes": sizes}
 
 
 def _to_table(batch: list[Row], first_index: int) -> pa.Table:

@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
-from mimir.console import Progress, verbose
+from mimir.console import RAY_TRAIN_USER_ERROR_LOGGER, NamedErrorTracebacks, Progress, verbose
 from mimir.data.pipeline import epoch_batches
+from mimir.errors import StorageError
 from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
@@ -71,6 +72,7 @@ def _worker_setup(cfg: RunConfig) -> torch.device:
     # Ray Train logs every report at INFO on the worker; a user reads our epoch lines instead
     if not verbose():
         logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger(RAY_TRAIN_USER_ERROR_LOGGER).addFilter(NamedErrorTracebacks())
     if cfg.scaling.deterministic:
         use_deterministic_algorithms(True)
     torch.manual_seed(stream_seed(cfg.seed, "init"))  # DDP would broadcast rank 0's weights anyway
@@ -194,7 +196,12 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
                                                          "config": cfg.model_dump(mode="json"), **extra_state},
                                     optimizer, precision.scaler)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(report, checkpoint=checkpoint)
+                try:
+                    ray.train.report(report, checkpoint=checkpoint)
+                except StorageError:
+                    raise
+                except OSError as err:  # copying the checkpoint into the run folder
+                    raise StorageError(run_folder, f"the checkpoint of epoch {epoch + 1}: {err}") from err
         else:
             ray.train.report(report)
     if epoch_log is not None:
