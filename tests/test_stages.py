@@ -18,9 +18,13 @@ def _config(out, *overrides):
 
 
 def _finish(cfg, stage):
-    """Leave a stage record as a finished TorchTrainer stage would."""
+    """Leave a stage record and its checkpoint as a finished TorchTrainer stage would."""
+    import torch
+
+    from mimir.train.checkpoint import save_checkpoint
+
     storage = stages.storage_root(cfg)
-    (Path(storage) / stage).mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(storage) / stage / "checkpoint_x", torch.nn.Linear(1, 1), {"epoch": 0, "stage": stage})
     stages._write_stage_record(storage, stage, {
         "stage": stage, "checkpoint": f"{stage}/checkpoint_x", "metrics": {},
         "stage_hash": cfg.stage_hash(stage), "stage_config": cfg.stage_config(stage)})
@@ -226,3 +230,15 @@ def test_a_dry_run_checks_everything_and_says_what_each_stage_would_do_without_t
         assert "torch sees no CUDA device" in capsys.readouterr().err
     assert main([*args, "data.dataset=nowhere", "--dry-run"]) == 2
     assert "dataset 'nowhere' not found" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_a_run_starts_from_is_named_before_ray_starts(finished, monkeypatch):
+    out, cfg = finished
+    monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("checked before Ray starts"))
+    weights = out / "finetune" / "checkpoint_x" / "model.safetensors"  # what evaluation would load
+    weights.write_bytes(weights.read_bytes()[:-3])
+    with pytest.raises(errors.CheckpointError, match=f"{weights}: truncated"):
+        runner.run_pipeline(cfg)
+    with pytest.raises(errors.CheckpointError):  # the same for `mimir evaluate` alone
+        runner.run_pipeline(cfg, ("evaluate",))
+    runner.preflight(cfg, ("pretrain",))  # a stage that does not read it passes

@@ -165,13 +165,13 @@ def verify_dataset(dataset_dir: str | Path, hashes: bool | None = None) -> None:
                 what = "truncated" if size < recorded else "longer than written"
                 raise DatasetError(f"{path}: damaged shard, {what}: {size} bytes where {recorded} were written; "
                                    "prepare the dataset again (`mimir data prepare ... --overwrite`)")
+            if hashes and _sha256(path) != info["sha256"][rel]:
+                raise DatasetError(f"{path}: damaged shard, altered since it was written (SHA-256 differs from "
+                                   "the manifest's); prepare the dataset again")
             try:
                 rows += pq.read_metadata(path).num_rows
             except (OSError, pa.ArrowException) as err:
                 raise DatasetError(f"{path}: damaged shard, not readable as Parquet ({err})") from err
-            if hashes and _sha256(path) != info["sha256"][rel]:
-                raise DatasetError(f"{path}: damaged shard, altered since it was written (SHA-256 differs from "
-                                   "the manifest's); prepare the dataset again")
         if rows != info["num_rows"]:
             raise DatasetError(f"{dataset_dir}: split {split!r} has {rows} rows, "
                                f"manifest says {info['num_rows']}")
