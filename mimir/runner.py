@@ -171,6 +171,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
     """``mimir run`` and the single-stage commands: hold the output folder (one writer at a time),
     check it, run the stages, write ``results.json`` (or ``failed.json`` for a diverged run) and
     return the results."""
+    started = time.time()
     out = Path(cfg.output_dir).expanduser()
     with folder_lock(out, "run"):
         preflight(cfg, stages, resume=resume, overwrite=overwrite, pretrained_given=pretrained is not None,
@@ -184,6 +185,7 @@ def run_pipeline(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool
         except NonFiniteRun as err:
             record_failure(out, cfg, err)
             raise
+        results["run_window"] = [started, time.time()]  # the fixed costs outside the stages (mimir runs --fixed-costs)
         write_json(out / "results.json", results)
         (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer describes this folder
     return results

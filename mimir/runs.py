@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mimir.config import FAILED, STAGE_RECORD, STAGES, flatten
+from mimir.spec import PRETRAIN_CACHE, TRIALS
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -139,35 +140,80 @@ def stage_fixed_costs(results: dict[str, Any], stage_folder: Path | None, stage:
 
 def stage_folder(run: Path, config: dict[str, Any], results: dict[str, Any], stage: str) -> Path | None:
     """Where a run's stage wrote its metrics: the run folder (a ``mimir run``, a sweep trial), else
-    its local ``scaling.storage_path``; None for a sweep trial's cached pre-training (kept under the
-    sweep's cache, and no work of this trial when it was a hit) or storage behind a URI."""
-    if stage == "pretrain" and "pretrain_cache_hit" in results:
+    its local ``scaling.storage_path`` (a sweep trial's: the sweep's storage, with the trial's folder
+    under it and the pre-training it filled in the shared cache); None for a pre-training the trial
+    found cached (no work of its own) or storage behind a URI."""
+    if results.get("pretrain_cache_hit") and stage == "pretrain":
         return None
     root = (config.get("scaling") or {}).get("storage_path")
-    candidates = [run / stage] + ([Path(root) / stage] if root and "://" not in root else [])
+    root = root and root.removeprefix("file://")
+    candidates = [run / stage]
+    if root and "://" not in root:
+        if "pretrain_cache_hit" in results and stage == "pretrain":
+            candidates.append(Path(root, PRETRAIN_CACHE, results.get("pretrain_hash", "")))
+        elif TRIALS in run.parts:  # <experiment>/trials/<trial>[/seed-N] mirrored under the sweep's storage
+            last = len(run.parts) - 1 - run.parts[::-1].index(TRIALS)
+            candidates.append(Path(root, *run.parts[last:], stage))
+        else:
+            candidates.append(Path(root, stage))
     return next((c for c in candidates if (c / "metrics.jsonl").is_file()), None)
 
 
-def fixed_costs_table(root: str | Path, fmt: str = "markdown") -> str:
-    """``mimir runs DIR --fixed-costs``: a row per finished stage of every run under the folder."""
+def run_fixed_costs(results: dict[str, Any], stage_costs: dict[str, dict[str, float]]) -> dict[str, float] | None:
+    """The whole run's (or sweep trial's) wall time from ``run_window`` in results.json, less the
+    computation of its stages: ``start`` (the run's start to its first stage's: the checks, Ray's
+    start), ``teardown`` (its last stage's end to its own: writing the results) and what lies between
+    (each stage's own fixed costs, a wait for a cached pre-training). None where it is not recorded."""
+    window = results.get("run_window")
+    if window is None:
+        return None
+    stage_windows = list(results.get("stage_times", {}).values())
+    first = min((w[0] for w in stage_windows), default=window[1])
+    last = max((w[1] for w in stage_windows), default=window[0])
+    computation = sum(costs["computation"] for costs in stage_costs.values())
+    wall = window[1] - window[0]
+    return {"wall": wall, "computation": computation, "fixed": wall - computation, "start": first - window[0],
+            "teardown": window[1] - last}
+
+
+COST_COLUMNS = ("wall", "computation", "fixed", "start", "first_batch", "data_waits", "between_epochs", "teardown")
+
+
+def fixed_costs_rows(root: str | Path) -> list[list[Any]]:
+    """A row per finished stage of every run under the folder, and one per whole run (stage ``run``):
+    the folders whose ``results.json`` records stage times (a ``mimir run``; a sweep trial, which has
+    no ``config.json``, or each seed's run of one)."""
     root = Path(root)
-    header = ["run", "stage", "wall", "computation", "fixed", "start", "first batch", "data waits",
-              "between epochs", "teardown"]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
     rows = []
-    for run in find_runs(root):
-        results, config = _read(run / "results.json"), _read(run / "config.json") or {}
-        if results is None:
+    for run in sorted(p.parent for p in root.rglob("results.json") if not p.parent.name.startswith(".")):
+        results = _read(run / "results.json")
+        if results is None or "stage_times" not in results:  # a multi-seed trial's summary: its seeds' runs count
             continue
+        config = _read(run / "config.json") or results.get("config") or {}  # a sweep trial has no config.json
         name = str(run.relative_to(root)) if run != root else str(run)
-        for stage in STAGES:
-            folder = stage_folder(run, config, results, stage)
-            costs = stage_fixed_costs(results, folder, stage)
-            if costs is not None:
-                rows.append([name, stage, *(costs.get(k) for k in ("wall", "computation", "fixed", "start",
-                                                                     "first_batch", "data_waits", "between_epochs",
-                                                                     "teardown"))])
+        stage_costs = {stage: costs for stage in STAGES
+                       if (costs := stage_fixed_costs(results, stage_folder(run, config, results, stage), stage))}
+        # the whole run where every stage it ran says what it computed (a cached pre-training: nothing)
+        known = all(stage in stage_costs or (stage == "pretrain" and results.get("pretrain_cache_hit"))
+                    for stage in results.get("stage_times", {}))
+        whole = run_fixed_costs(results, stage_costs) if known else None
+        for stage, costs in [*stage_costs.items(), *([("run", whole)] if whole else [])]:
+            rows.append([name, stage, *(costs.get(k) for k in COST_COLUMNS)])
+    return rows
+
+
+def fixed_costs_table(root: str | Path, fmt: str = "markdown", whole_runs: bool = False) -> str:
+    """``mimir runs DIR --fixed-costs``: a row per finished stage of every run under the folder and
+    one per run; ``whole_runs``: the runs' rows only (what ``mimir sweep`` prints at its end)."""
+    rows = [row for row in fixed_costs_rows(root) if not whole_runs or row[1] == "run"]
     if not rows:
         raise FileNotFoundError(f"no finished run under {root} records its stages' times (runs of this version do)")
+    header = ["run", "stage", "wall", "computation", "fixed", "start", "first batch", "data waits",
+              "between epochs", "teardown"]
+    if whole_runs:
+        header, rows = header[:6] + header[-1:], [row[:6] + row[-1:] for row in rows]
     return _render(header, rows, fmt) + ("" if fmt == "csv" else "\n(seconds)")
 
 

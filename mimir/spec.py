@@ -50,6 +50,7 @@ class SurfaceSettings(Strict):
 
 # -- the spec ------------------------------------------------------------------------------------
 TRIALS = "trials"  # <experiment>/trials/<trial id>/: each trial's record
+PRETRAIN_CACHE = "pretrain_cache"  # <sweep storage>/pretrain_cache/<pretrain hash>/: pre-trainings shared by trials
 ROW, GROUP = "__row__", "__group__"  # grid-point keys: the index of a trial's row and column group
 LABEL_SEPARATOR = " | "  # splits a row label into the spec's label_columns
 

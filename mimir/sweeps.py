@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,11 @@ from ray.tune.search.optuna import OptunaSearch
 from mimir.config import FAILED
 from mimir.errors import ConfigError
 from mimir.storage import filesystem
-from mimir.spec import (TRIALS, SweepSpec, experiment_dir, find_sources, grid_trials, load_command_spec,
+from mimir.spec import (PRETRAIN_CACHE, TRIALS, SweepSpec, experiment_dir, find_sources, grid_trials, load_command_spec,
                         source_key, trial_config, trial_identity)
 from mimir.surface import sweep_figure, trial_surface
 
 RECORD = "record_json"  # a trial's final Tune report carries its results record
-PRETRAIN_CACHE = "pretrain_cache"
 
 
 TRIAL = "trial"  # a grid trial's parameter: its label (what Tune's progress table shows)
@@ -156,6 +156,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
     from mimir.errors import NonFiniteRun
 
     trial_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     try:
         results = run(cfg, experiment, trial_dir, callbacks)
     except NonFiniteRun as err:
@@ -171,6 +172,7 @@ def run_with_retry(cfg: Any, experiment: Path, trial_dir: Path, callbacks: list[
             raise TrialFailed(f"{err}; the retry with {stage} lr / 10 failed too: {retry_err}") from retry_err
         results["retried"] = {"reason": str(err), "stage": stage, "lr_divided_by": 10}
     results["trial_config_hash"] = cfg.config_hash()  # of the trial as asked for, before any retry
+    results["run_window"] = [started, time.time()]  # the trial's fixed costs outside its stages
     write_json(trial_dir / "results.json", results)
     return results
 
@@ -369,7 +371,21 @@ def run_sweep(spec_path: str | Path, overrides: list[str] = (), *, out: str | No
                       flush=True)
         if spec.surface is not None:
             sweep_figure(spec, experiment)
+        print_trial_costs(experiment)
     return experiment
+
+
+def print_trial_costs(experiment: Path) -> None:
+    """Each trial run's wall time, its computation and the rest (``mimir runs --fixed-costs`` splits
+    the rest by stage)."""
+    from mimir.runs import fixed_costs_table
+
+    try:
+        table = fixed_costs_table(experiment / TRIALS, whole_runs=True)
+    except FileNotFoundError:  # no trial finished
+        return
+    print(f"[sweep] each trial's time besides its computation (`mimir runs {experiment} --fixed-costs` splits it "
+          f"by stage):\n{table}", flush=True)
 
 
 def keep_record(experiment: Path, base: dict[str, Any], spec: SweepSpec, result: Any) -> None:

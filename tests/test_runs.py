@@ -6,6 +6,7 @@ import json
 import pytest
 
 from mimir.cli import main
+from mimir.runs import fixed_costs_table
 
 
 def _run(folder, config, results=None, failed=None, stages=()):
@@ -69,11 +70,11 @@ def test_a_folder_without_runs_is_a_named_error(tmp_path, capsys):
 
 
 def test_fixed_costs_split_each_stages_wall_time_into_computation_and_the_rest(tmp_path, capsys):
-    """A hand-worked run: pre-training from t=100 to t=150 with two epochs starting at 110 and 125,
-    fine-tuning from 150 to 190 with one, the evaluation 190-200 with 6 s of attacks."""
+    """A hand-worked run from t=95 to t=203: pre-training from 100 to 150 with two epochs starting at
+    110 and 125, fine-tuning from 150 to 190 with one, the evaluation 190-200 with 6 s of attacks."""
     run = tmp_path / "run"
     _run(run, CONFIG, {**RESULTS, "stage_times": {"pretrain": [100.0, 150.0], "finetune": [150.0, 190.0],
-                                                  "evaluate": [190.0, 200.0]},
+                                                  "evaluate": [190.0, 200.0]}, "run_window": [95.0, 203.0],
                        "attack_seconds": {"natural": 1.0, "pgd20": 5.0}})
     epochs = {"pretrain": [{"started_at": 110.0, "seconds": 12.0, "data_seconds": 4.0},
                            {"started_at": 125.0, "seconds": 10.0, "data_seconds": 1.0, "validation_seconds": 2.0}],
@@ -89,14 +90,29 @@ def test_fixed_costs_split_each_stages_wall_time_into_computation_and_the_rest(t
     assert lines[1] == "run,pretrain,50.0,19.0,31.0,10.0,4.0,1.0,3.0,13.0"
     assert lines[2] == "run,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0"
     assert lines[3] == "run,evaluate,10.0,6.0,4.0,4.0,,,,"
-    # a sweep trial: storage_path names the sweep's storage, its stages lie in the trial's folder, and a
-    # pre-training found in the cache is no work of this trial
-    trial = tmp_path / "sweep" / "trials" / "a"
-    _run(trial, {**CONFIG, "scaling": {"storage_path": str(tmp_path / "sweep")}},
-         {**RESULTS, "pretrain_cache_hit": True, "attack_seconds": {"pgd20": 5.0},
-          "stage_times": {"pretrain": [0.0, 1.0], "finetune": [150.0, 190.0], "evaluate": [190.0, 200.0]}})
-    (trial / "finetune").mkdir()
-    (trial / "finetune" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs["finetune"]))
-    assert main(["runs", str(tmp_path / "sweep"), "--fixed-costs", "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1:] == ["trials/a,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0",
-                                                        "trials/a,evaluate,10.0,5.0,5.0,5.0,,,,"]
+    # the whole run: 108 s, of which 19 + 21 + 6 = 46 computation; 5 s before its first stage, 3 after
+    assert lines[4] == "run,run,108.0,46.0,62.0,5.0,,,,3.0"
+    assert fixed_costs_table(tmp_path, "csv", whole_runs=True).splitlines() == [
+        "run,stage,wall,computation,fixed,start,teardown", "run,run,108.0,46.0,62.0,5.0,3.0"]
+    # a sweep's trials keep their records in the experiment folder (no config.json) and their stages
+    # under the sweep's storage: trial a filled the shared pre-training cache, trial b (one seed's
+    # run) found it there and waited 50 s for it, which is no computation of its own
+    storage, experiment = tmp_path / "bucket" / "exp", tmp_path / "exp"
+    config = {**CONFIG, "scaling": {"storage_path": f"file://{storage}"}}
+    trial = {**RESULTS, "config": config, "stage_times": {"pretrain": [100.0, 150.0], "finetune": [150.0, 190.0],
+                                                          "evaluate": [190.0, 200.0]},
+             "run_window": [95.0, 203.0], "attack_seconds": {"natural": 1.0, "pgd20": 5.0}, "pretrain_hash": "h"}
+    for record, folder in (({**trial, "pretrain_cache_hit": False}, "a"),
+                           ({"config": config, "runs": 1}, "b"), ({**trial, "pretrain_cache_hit": True}, "b/seed-0")):
+        (experiment / "trials" / folder).mkdir(parents=True)
+        (experiment / "trials" / folder / "results.json").write_text(json.dumps(record))
+    for stage, folder in (("pretrain", "pretrain_cache/h"), ("finetune", "trials/a/finetune"),
+                          ("finetune", "trials/b/seed-0/finetune")):
+        (storage / folder).mkdir(parents=True)
+        (storage / folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs[stage]))
+    assert main(["runs", str(experiment / "trials"), "--fixed-costs", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "a,pretrain,50.0,19.0,31.0,10.0,4.0,1.0,3.0,13.0", "a,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0",
+        "a,evaluate,10.0,6.0,4.0,4.0,,,,", "a,run,108.0,46.0,62.0,5.0,,,,3.0",
+        "b/seed-0,finetune,40.0,21.0,19.0,10.0,3.0,0,0,6.0", "b/seed-0,evaluate,10.0,6.0,4.0,4.0,,,,",
+        "b/seed-0,run,108.0,27.0,81.0,5.0,,,,3.0"]

@@ -349,6 +349,10 @@ def test_a_real_sweep_trains_shares_one_pretraining_and_evaluates(ray_local, dat
     experiment = run_sweep(spec_path, overrides, out=str(tmp_path / "exp"))
     results = _trial_records(experiment)
     assert len(results) == 2
+    # at its end, each trial's wall time, its computation and the rest
+    printed = capsys.readouterr().out.split("[sweep] each trial's time besides its computation")[1].splitlines()
+    assert printed[1].startswith("| run | stage | wall | computation | fixed |")
+    assert sum(line.split(" | ")[1:2] == ["run"] for line in printed) == 2  # a row per trial
     stored = tmp_path / "bucket" / "sweeps" / "exp"
     assert len(list((stored / "pretrain_cache").glob("*/mimir_stage.json"))) == 1
     assert len(list((stored / "trials").glob("*/finetune/mimir_stage.json"))) == 2
