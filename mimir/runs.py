@@ -154,8 +154,7 @@ def stage_folder(run: Path, config: dict[str, Any], results: dict[str, Any], sta
         elif TRIALS in run.parts:  # <experiment>/trials/<trial>[/seed-N] mirrored under the sweep's storage
             last = len(run.parts) - 1 - run.parts[::-1].index(TRIALS)
             candidates.append(Path(root, *run.parts[last:], stage))
-        else:
-            candidates.append(Path(root, stage))
+        candidates.append(Path(root, stage))
     return next((c for c in candidates if (c / "metrics.jsonl").is_file()), None)
 
 
