@@ -22,6 +22,8 @@ from mimir.errors import ConfigError
 STAGES = ("pretrain", "finetune", "evaluate")  # a run's stages, in order
 STAGE_RECORD = "mimir_stage.json"  # what a finished stage leaves in its run folder
 FAILED = "failed.json"  # where a run's results.json would be: why it has none
+TRIALS = "trials"  # <experiment>/trials/<trial id>/: each sweep trial's record
+PRETRAIN_CACHE = "pretrain_cache"  # <sweep storage>/pretrain_cache/<pretrain hash>/: pre-trainings shared by trials
 
 
 def _parse_fraction(value: Any) -> Any:

@@ -13,8 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mimir.config import FAILED
-from mimir.spec import LABEL_SEPARATOR, ROW, TRIALS, SweepSpec
+from mimir.config import FAILED, TRIALS
+from mimir.spec import LABEL_SEPARATOR, ROW, SweepSpec
 
 TITLES = {"natural": "Natural", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AA",
           "pgd_mi": "PGD-MI", "pgd_feature": "PGD-feature"}

@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mimir.config import FAILED, STAGE_RECORD, STAGES, flatten
-from mimir.spec import PRETRAIN_CACHE, TRIALS
+from mimir.config import FAILED, PRETRAIN_CACHE, STAGE_RECORD, STAGES, TRIALS, flatten
 
 
 def find_runs(root: str | Path) -> list[Path]:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from mimir.config import (EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge, find_file,
+from mimir.config import (TRIALS, EvalAttack, RunConfig, Strict, build_config, config_changes, deep_merge, find_file,
                           flatten, format_errors, load_yaml, nest, parse_overrides)
 from mimir.errors import ConfigError
 from mimir.metrics import check_trackers
@@ -49,8 +49,6 @@ class SurfaceSettings(Strict):
 
 
 # -- the spec ------------------------------------------------------------------------------------
-TRIALS = "trials"  # <experiment>/trials/<trial id>/: each trial's record
-PRETRAIN_CACHE = "pretrain_cache"  # <sweep storage>/pretrain_cache/<pretrain hash>/: pre-trainings shared by trials
 ROW, GROUP = "__row__", "__group__"  # grid-point keys: the index of a trial's row and column group
 LABEL_SEPARATOR = " | "  # splits a row label into the spec's label_columns
 

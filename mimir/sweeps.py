@@ -34,11 +34,11 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from mimir.config import FAILED
+from mimir.config import FAILED, PRETRAIN_CACHE, TRIALS
 from mimir.errors import ConfigError
 from mimir.storage import filesystem
-from mimir.spec import (PRETRAIN_CACHE, TRIALS, SweepSpec, experiment_dir, find_sources, grid_trials,
-                        load_command_spec, source_key, trial_config, trial_identity)
+from mimir.spec import (SweepSpec, experiment_dir, find_sources, grid_trials, load_command_spec, source_key,
+                        trial_config, trial_identity)
 from mimir.surface import sweep_figure, trial_surface
 
 RECORD = "record_json"  # a trial's final Tune report carries its results record
