@@ -34,12 +34,13 @@ def _attack(name: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg:
     raise ValueError(f"unknown evaluation attack {name!r}")
 
 
-def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Accuracy in percent under each configured attack, plus seconds per attack, streamed: one batch
-    of images ([0, 1]) and labels at a time, so memory does not grow with the test split. AutoAttack
-    runs on each batch too (in chunks of ``evaluate.batch_size``). ``progress`` prints the running
-    accuracies and the ETA while it goes."""
+def attack_counts(model: Classifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Images classified correctly under each configured attack (``correct``), the images seen
+    (``num_images``, possibly 0: one worker's empty share) and seconds per attack, streamed: one
+    batch of images ([0, 1]) and labels at a time, so memory does not grow with the test split.
+    AutoAttack runs on each batch too (in chunks of ``evaluate.batch_size``). ``progress`` prints the
+    running accuracies and the ETA while it goes."""
     model.eval()
     device = next(model.parameters()).device
     correct = {name: 0 for name in cfg.evaluate.attacks}
@@ -59,10 +60,22 @@ def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, to
             progress.report(total, f", accuracy so far: {running}")
     if progress is not None:
         progress.close()
+    return {"correct": correct, "num_images": total, "seconds": seconds}
+
+
+def accuracies(counts: dict[str, Any]) -> dict[str, Any]:
+    """:func:`attack_counts`' result (or several workers' added up) as accuracies in percent."""
+    total = counts["num_images"]
     if total == 0:
         raise ValueError("the test split gave no images to evaluate")
-    return {"accuracy": {name: 100.0 * n / total for name, n in correct.items()}, "seconds": seconds,
-            "num_images": total}
+    return {"accuracy": {name: 100.0 * n / total for name, n in counts["correct"].items()},
+            "seconds": counts["seconds"], "num_images": total}
+
+
+def evaluate_batches(model: Classifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Accuracy in percent under each configured attack, plus seconds per attack (:func:`attack_counts`)."""
+    return accuracies(attack_counts(model, batches, cfg, progress))
 
 
 def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor,

@@ -1,6 +1,6 @@
 """A run: pre-train -> fine-tune -> evaluate (or a subset), checked before Ray starts, writing
 ``results.json``. The pieces: :mod:`mimir.ray_env` (Ray start-up), :mod:`mimir.stages` (stage records
-and the run folder), :mod:`mimir.trainers` (the TorchTrainers and the evaluation task) and
+and the run folder), :mod:`mimir.trainers` (the TorchTrainers and the evaluation) and
 :mod:`mimir.pretrain_cache` (a sweep's shared pre-trainings)."""
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ def timed(seconds: dict[str, float], windows: dict[str, list[float]], stage: str
     windows[stage] = [wall, time.time()]
 
 
+def _split_window(seconds: dict[str, float], windows: dict[str, list[float]], evaluation_started: float) -> None:
+    """The fine-tuning stage's time, once its workers evaluated too, as the stage's up to their
+    evaluation's start and the evaluation's from there to the stage's end (a worker's clock, kept
+    inside the stage's window)."""
+    start, end = windows["finetune"]
+    split = min(max(evaluation_started, start), end)
+    windows["finetune"], windows["evaluate"] = [start, split], [split, end]
+    seconds["finetune"], seconds["evaluate"] = seconds["finetune"] - (end - split), end - split
+
+
 def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, resume: bool = False,
                pretrain_cache: str | None = None, pretrained: ray.train.Checkpoint | None = None,
                finetuned: ray.train.Checkpoint | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -54,6 +64,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
     the results record (stage records, accuracies, seconds per stage and per attack)."""
     seconds: dict[str, float] = {}
     windows: dict[str, list[float]] = {}
+    evaluation: dict[str, Any] | None = None
     results: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(mode="json"),
                                "config_hash": cfg.config_hash(), "pretrain_hash": cfg.pretrain_hash()}
     pretrain_storage, pretrain_name = storage, "pretrain"
@@ -78,12 +89,17 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
                                         "run `mimir pretrain` first or pass --pretrained CHECKPOINT")
             pretrained = stage_checkpoint(pretrain_storage, record)
         with timed(seconds, windows, "finetune"):
-            run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage, resume=resume,
-                         callbacks=callbacks)
+            _, evaluation = run_finetune(cfg, pretrained if cfg.pretrain.enabled else None, storage=storage,
+                                         resume=resume, callbacks=callbacks,
+                                         evaluate="evaluate" in stages and finetuned is None)
         results["finetune"] = read_stage_record(storage, "finetune")
         check_finite("finetune", results["finetune"])
         results["validation"] = validation_record(cfg)
-    if "evaluate" in stages:
+    if evaluation is not None:  # the fine-tuning workers evaluated
+        _split_window(seconds, windows, evaluation["window"][0])
+        results.update(evaluated_checkpoint=evaluation["checkpoint"], evaluated_by=f"{evaluation['workers']} "
+                       f"fine-tuning worker{'s' if evaluation['workers'] > 1 else ''}")
+    elif "evaluate" in stages:
         if finetuned is None:
             record = read_stage_record(storage, "finetune")
             if record is None:
@@ -93,6 +109,8 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, *, storage: str, 
             results["evaluated_checkpoint"] = finetuned.path
         with timed(seconds, windows, "evaluate"):
             evaluation = run_evaluate(cfg, finetuned)
+        results["evaluated_by"] = "an evaluation task"
+    if evaluation is not None:
         results.update(accuracy=evaluation["accuracy"], num_images=evaluation["num_images"],
                        attack_seconds=evaluation["seconds"],
                        evaluate_private_memory_mb=evaluation.get("private_memory_mb"))

@@ -1,9 +1,13 @@
 """The stages as Ray: pre-training and fine-tuning as ``TorchTrainer`` runs (reused when finished,
-resumed when not: :mod:`mimir.stages`), and the evaluation as a Ray task that streams the test split."""
+resumed when not: :mod:`mimir.stages`), and the evaluation: in the fine-tuning workers when a run
+fine-tunes and evaluates (no process to start, the weights already there), else as a Ray task that
+streams the test split."""
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +28,10 @@ from mimir.ray_env import quiet_ray_data
 from mimir.seeding import stream_seed
 from mimir.stages import (_join, _write_stage_record, check_stage, read_stage_record, resume_epoch,
                           stage_checkpoint, storage_root)
+from mimir.storage import read_bytes
+
+TEST_PART = "test_"  # the dataset names of the workers' shares of an evaluation: test_0, test_1, ...
+EVALUATION_FILE = "evaluation.json"  # in the fine-tuning run folder, from its workers' evaluation
 
 
 def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
@@ -41,8 +49,9 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
 
     ``datasets(start_epoch)`` builds the stage's data. Ray Train calls it whenever it starts the
     workers, at the first start and after every restart, so the data continues at the epoch the
-    weights continue from. ``scored``: keep the checkpoint with the best ``checkpoint_score`` beside
-    the latest; the stage record names it ``best_checkpoint``."""
+    weights continue from. Each worker gets a share of every dataset, except the ``test_<rank>``
+    parts, which are one worker's each. ``scored``: keep the checkpoint with the best
+    ``checkpoint_score`` beside the latest; the stage record names it ``best_checkpoint``."""
     if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
         return stage_checkpoint(storage, read_stage_record(storage, name))
@@ -65,7 +74,9 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
         ),
         datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first},
         # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish
-        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[key for key in first if not key.startswith(TEST_PART)],
+            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
         result = trainer.fit()
@@ -123,9 +134,13 @@ def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pre
 
 
 def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, storage: str | None = None,
-                 name: str = "finetune", resume: bool = False, callbacks: Sequence[Any] = ()) -> ray.train.Checkpoint:
+                 name: str = "finetune", resume: bool = False, callbacks: Sequence[Any] = (),
+                 evaluate: bool = False) -> tuple[ray.train.Checkpoint, dict[str, Any] | None]:
     """Adversarial fine-tuning on Ray Train from a pre-training checkpoint (None: from scratch),
-    validated on a held-out part of the training split (:func:`holdout_indices`)."""
+    validated on a held-out part of the training split (:func:`holdout_indices`). Returns the final
+    checkpoint and, with ``evaluate``, the run's evaluation as the workers did it after training
+    (:func:`mimir.train.loops.evaluate_in_workers`), or None where they could not (the stage was
+    finished before, or restarted after its best epoch: :func:`run_evaluate` does it then)."""
     from mimir.train.loops import finetune_worker
 
     dataset_dir = resolve_dataset(cfg.data)
@@ -137,6 +152,13 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
     steps = max(rows // cfg.finetune.batch_size, 1)
     loop_config = {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps,
                    "num_classes": manifest["num_classes"], "pretrained": pretrained}
+    storage = storage or storage_root(cfg)
+    workers = cfg.scaling.num_workers
+    if evaluate:
+        # a token of this call, so an evaluation file an earlier run left is never taken for this one's
+        test_rows = manifest["splits"]["test"]["num_rows"]
+        loop_config["evaluation"] = {"path": _join(storage, name, EVALUATION_FILE), "token": uuid.uuid4().hex,
+                                     "images": min(test_rows, cfg.evaluate.num_images or test_rows)}
 
     def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
         built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
@@ -144,10 +166,30 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
                                         batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
         if len(holdout):
             built["val"] = validation_dataset(dataset_dir, cfg.data, holdout)
+        if evaluate:
+            built.update({f"{TEST_PART}{rank}": eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
+                                                             part=(rank, workers)) for rank in range(workers)})
         return built
 
-    return _fit("finetune", cfg, storage or storage_root(cfg), name, finetune_worker, loop_config, datasets,
-                resume, callbacks, scored=bool(len(holdout)))
+    checkpoint = _fit("finetune", cfg, storage, name, finetune_worker, loop_config, datasets, resume, callbacks,
+                      scored=bool(len(holdout)))
+    return checkpoint, _workers_evaluation(cfg, storage, name, loop_config.get("evaluation"))
+
+
+def _workers_evaluation(cfg: RunConfig, storage: str, name: str,
+                        asked: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluation the fine-tuning workers wrote in this call (its token), of the checkpoint the
+    stage record names for ``evaluate.checkpoint`` (its epoch); else None."""
+    data = asked and read_bytes(asked["path"])
+    if not data:
+        return None
+    evaluation = json.loads(data)
+    record = read_stage_record(storage, name)
+    best = cfg.evaluate.checkpoint == "best" and "best_checkpoint" in record
+    if evaluation.get("token") != asked["token"] or \
+            evaluation["epoch"] != record["best_metrics" if best else "metrics"]["epoch"]:
+        return None
+    return {**evaluation, "checkpoint": stage_checkpoint(storage, record, cfg.evaluate.checkpoint).path}
 
 
 def validation_record(cfg: RunConfig) -> dict[str, Any]:

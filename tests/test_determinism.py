@@ -118,6 +118,7 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     best = max(reversed(finetune_epochs), key=lambda e: e["val_pgd"])
     assert results["finetune"]["best_metrics"]["epoch"] == best["epoch"]
     assert results["evaluated_checkpoint"].endswith(results["finetune"]["best_checkpoint"])
+    assert results["evaluated_by"] == "1 fine-tuning worker"  # where the weights already were
     # each stage's curves as CSV and TensorBoard events, the test accuracies beside them
     for stage, tags in (("pretrain", {"train/loss", "train/mi_term", "time/seconds"}),
                         ("finetune", {"train/acc", "validation/natural", "validation/pgd"})):
@@ -136,6 +137,8 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     # returns what the CLI wrote
     again = mimir.run(QUICKSTART, *_args(out, data_root)[1:])
     assert "already finished" in capfd.readouterr().out
+    # the stages finished before, so an evaluation task evaluates: the numbers the workers found
+    assert again["evaluated_by"] == "an evaluation task"
     for key in ("accuracy", "num_images", "pretrain", "finetune", "validation", "evaluated_checkpoint", "config"):
         assert again[key] == results[key], key
 
@@ -156,4 +159,5 @@ def test_mimir_run_writes_its_results_and_a_seed_fixes_them_through_a_kill_and_r
     assert _history(again, "pretrain") == _history(out, "pretrain")
     assert _history(again, "finetune") == finetune_epochs
     assert resumed["accuracy"] == results["accuracy"] and resumed["validation"] == results["validation"]
+    assert resumed["evaluated_by"] == "1 fine-tuning worker"  # the last checkpoint's weights, after a restart too
     assert resumed["finetune"]["best_metrics"]["epoch"] == results["finetune"]["best_metrics"]["epoch"]

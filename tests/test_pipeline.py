@@ -38,6 +38,11 @@ def test_ray_data_pipelines_deliver_tensors_in_order(ray_local, data_root):
     first = eval_dataset(path, cfg.data, num_images=40).take_batch(40)
     again = eval_dataset(path, cfg.data, num_images=40).take_batch(40)
     assert (first["label"] == again["label"]).all() and (first["image"] == again["image"]).all()
+    # the workers' shares of an evaluation: each of the first 40 images in exactly one, in stored order
+    parts = [eval_dataset(path, cfg.data, num_images=40, part=(k, 3)).take_all() for k in range(3)]
+    assert all(parts) and sum(len(p) for p in parts) == 40
+    whole = sorted((row["image"].tobytes(), row["label"]) for row in eval_dataset(path, cfg.data, 40).take_all())
+    assert sorted((row["image"].tobytes(), row["label"]) for p in parts for row in p) == whole
 
 
 def test_cached_split_is_read_once_and_still_augmented_anew_each_epoch(ray_local, data_root, tmp_path, monkeypatch):

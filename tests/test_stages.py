@@ -242,3 +242,36 @@ def test_a_damaged_checkpoint_a_run_starts_from_is_named_before_ray_starts(finis
     with pytest.raises(errors.CheckpointError):  # the same for `mimir evaluate` alone
         runner.run_pipeline(cfg, ("evaluate",))
     runner.preflight(cfg, ("pretrain",))  # a stage that does not read it passes
+
+
+def test_the_workers_evaluation_counts_only_for_this_call_and_the_checkpoint_the_record_names(tmp_path):
+    cfg = _config(tmp_path / "run", "evaluate.checkpoint=best")
+    storage = stages.storage_root(cfg)
+    stages._write_stage_record(storage, "finetune", {
+        "stage": "finetune", "checkpoint": "finetune/checkpoint_b", "metrics": {"epoch": 4},
+        "best_checkpoint": "finetune/checkpoint_a", "best_metrics": {"epoch": 2}})
+    path = str(Path(storage) / "finetune" / trainers.EVALUATION_FILE)
+    asked = {"path": path, "token": "this-call"}
+    assert trainers._workers_evaluation(cfg, storage, "finetune", asked) is None  # none written
+    written = {"accuracy": {"natural": 90.0}, "num_images": 450, "seconds": {"natural": 1.0}, "workers": 2,
+               "window": [10.0, 12.0]}
+    Path(path).write_text(json.dumps({**written, "token": "this-call", "epoch": 2}))
+    taken = trainers._workers_evaluation(cfg, storage, "finetune", asked)
+    assert taken["accuracy"] == {"natural": 90.0} and taken["checkpoint"].endswith("finetune/checkpoint_a")
+    # an earlier call's file, or weights of another epoch than the best checkpoint's: the task evaluates
+    assert trainers._workers_evaluation(cfg, storage, "finetune", {**asked, "token": "another"}) is None
+    Path(path).write_text(json.dumps({**written, "token": "this-call", "epoch": 4}))
+    assert trainers._workers_evaluation(cfg, storage, "finetune", asked) is None
+    last = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"checkpoint": "last"})})
+    assert trainers._workers_evaluation(last, storage, "finetune", asked)["checkpoint"].endswith("checkpoint_b")
+    assert trainers._workers_evaluation(cfg, storage, "finetune", None) is None  # not asked
+
+
+def test_an_evaluation_in_the_fine_tuning_workers_gets_its_own_window():
+    seconds, windows = {"finetune": 50.0}, {"finetune": [100.0, 150.0]}
+    runner._split_window(seconds, windows, 140.0)
+    assert windows == {"finetune": [100.0, 140.0], "evaluate": [140.0, 150.0]}
+    assert seconds == {"finetune": 40.0, "evaluate": 10.0}
+    seconds, windows = {"finetune": 50.0}, {"finetune": [100.0, 150.0]}
+    runner._split_window(seconds, windows, 151.0)  # a worker's clock a little ahead: kept in the stage
+    assert windows["evaluate"] == [150.0, 150.0] and seconds["finetune"] == 50.0

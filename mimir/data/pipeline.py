@@ -277,8 +277,11 @@ def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, e
                                     if buffer else None)
 
 
-def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None) -> ray.data.Dataset:
-    """The test split, decoded and resized, in stored order (the first ``num_images`` when given)."""
+def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None,
+                 part: tuple[int, int] | None = None) -> ray.data.Dataset:
+    """The test split, decoded and resized, in stored order (the first ``num_images`` when given).
+    ``part=(k, n)``: only the rows whose stored index is k modulo n, one worker's fixed share of an
+    evaluation spread over n (the same rows whichever worker asks first, unlike a streaming split)."""
     manifest = load_manifest(dataset_dir)
     ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
     # in stored order, so "the first N" is the same N every run: set on this dataset's own context
@@ -286,8 +289,15 @@ def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = N
     ds.context.execution_options.preserve_order = True
     if num_images is not None:
         ds = ds.limit(num_images)
+    if part is not None and part[1] > 1:
+        ds = ds.map_batches(_rows_of_part, batch_size=256, fn_kwargs=dict(part=part))
     return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size,
                                                                          crop_pct=data.eval_crop_pct))
+
+
+def _rows_of_part(batch: Batch, part: tuple[int, int]) -> Batch:
+    keep = batch["index"] % part[1] == part[0]
+    return {key: value[keep] for key, value in batch.items()}
 
 
 def num_train_rows(dataset_dir: Path, data: DataConfig, finetune: bool) -> int:

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray.train
@@ -25,10 +26,13 @@ from mimir.config import OptimConfig, RunConfig
 from mimir.console import RAY_TRAIN_USER_ERROR_LOGGER, NamedErrorTracebacks, Progress, verbose
 from mimir.data.pipeline import epoch_batches
 from mimir.errors import StorageError
+from mimir.evaluation import accuracies, attack_counts
+from mimir.memory import PrivateMemoryPeak
 from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
 from mimir.seeding import stream_seed
+from mimir.storage import write_json
 from mimir.train.checkpoint import load_state, load_training_state, load_weights, save_checkpoint
 from mimir.train.steps import (Precision, compile_forward, finetune_optimizer, finetune_step, lr_at,
                                mi_gradient_share, pretrain_optimizer, pretrain_step, set_lr, unwrap,
@@ -104,14 +108,18 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
                   optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int, run_folder: str,
                   step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
                   probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None,
-                  validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 1) -> None:
+                  validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 1,
+                  keep: str | None = None) -> Weights | None:
     """The epoch loop shared by both stages: schedule, shard iteration, metrics, checkpoints.
 
     ``probe`` measures per-epoch values on the epoch's first batch, before its step; it must leave
     the training state and random stream as they were (``mi_gradient_share`` does). ``validate``
     runs every ``validate_every`` epochs and after the last; those epochs always checkpoint, scored
     by ``checkpoint_score`` (the validation metric; -inf on other checkpoints) so Ray Train keeps the
-    best one beside the latest."""
+    best one beside the latest. ``keep`` ("best" or "last"): return a CPU copy of the weights of the
+    checkpoint the stage record will name so (the best: the highest score, on a tie the later epoch,
+    as Ray Train ranks them; "best" without validation is the last), or None where this process
+    did not see every epoch that competes for it (a restarted stage)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -129,6 +137,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
     epoch_log = MetricsLog(run_folder, start_epoch, Tracker.for_run(cfg, stage)) if rank == 0 else None
     progress = None
     warned_no_effect = False
+    best: Weights | None = None
+    best_score = float("-inf")
     for epoch in range(start_epoch, optim_cfg.epochs):
         torch.manual_seed(stream_seed(cfg.seed, "step", epoch=epoch, rank=rank))
         model.train()
@@ -177,6 +187,8 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             report["validation_seconds"] = time.perf_counter() - started
         if validate is not None:
             report["checkpoint_score"] = report["val_pgd"] if validated else float("-inf")
+            if keep == "best" and validated and start_epoch == 0 and report["checkpoint_score"] >= best_score:
+                best_score, best = report["checkpoint_score"], Weights(epoch, _cpu_copy(model))
         if epoch_log is not None:
             epoch_log.append(report)
             shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "mse", "mi_term", "mi_share", "acc",
@@ -206,6 +218,21 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             ray.train.report(report)
     if epoch_log is not None:
         epoch_log.close()
+    if keep == "last" or (keep == "best" and validate is None):
+        return Weights(optim_cfg.epochs - 1, _cpu_copy(model))
+    return best
+
+
+@dataclass
+class Weights:
+    """A model's weights (on the CPU) and the epoch they ended."""
+
+    epoch: int
+    state: dict[str, torch.Tensor]
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in unwrap(model).state_dict().items()}
 
 
 def pretrain_worker(config: dict[str, Any]) -> None:
@@ -275,7 +302,56 @@ def finetune_worker(config: dict[str, Any]) -> None:
     if cfg.finetune.validation.images:
         validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard("val"), cfg, device)
 
-    _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"],
-                  config["run_folder"], step,
-                  {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path},
-                  validate=validate, validate_every=cfg.finetune.validation.every)
+    evaluation = config.get("evaluation")  # the run's evaluation, done here where the weights are
+    kept = _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"],
+                         config["run_folder"], step,
+                         {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path},
+                         validate=validate, validate_every=cfg.finetune.validation.every,
+                         keep=cfg.evaluate.checkpoint if evaluation else None)
+    if kept is not None:
+        evaluate_in_workers(cfg, config["num_classes"], kept, evaluation)
+
+
+def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, evaluation: dict[str, Any]) -> None:
+    """The run's evaluation in the fine-tuning workers, on the weights the stage record will name
+    (no process to start, no checkpoint to read back, and every training GPU shares the work): each
+    worker attacks its fixed share of the test split (dataset ``test_<rank>``) with its own seeded
+    random starts, the counts add up over the workers, and rank 0 writes the result to
+    ``evaluation["path"]`` with the driver's ``evaluation["token"]``. One worker evaluates exactly
+    what the evaluation task (:func:`mimir.trainers.run_evaluate`) would."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    started = time.time()
+    memory = PrivateMemoryPeak()
+    model = build_classifier(cfg, num_classes)
+    model.load_state_dict(weights.state)
+    model.to(device)
+    torch.manual_seed(stream_seed(cfg.seed, "evaluate", rank=rank))  # the attacks' random starts
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in ray.train.get_dataset_shard(f"test_{rank}").iter_torch_batches(
+                batch_size=cfg.evaluate.batch_size, device=device):
+            yield batch["image"].float().div_(255), batch["label"]
+            memory.sample()  # after the batch's attacks ran
+
+    progress = None
+    if rank == 0:
+        share = -(-int(evaluation["images"]) // world)
+        progress = Progress("[evaluate]", share, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
+    part = attack_counts(model, batches(), cfg, progress)
+    names = list(cfg.evaluate.attacks)
+    counts = torch.tensor([part["correct"][n] for n in names] + [part["num_images"]], dtype=torch.float64,
+                          device=device)
+    seconds = torch.tensor([part["seconds"][n] for n in names], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the workers attack side by side: the slowest one's
+    if rank != 0:
+        return
+    total = counts.tolist()
+    result = accuracies({"correct": dict(zip(names, total[:-1])), "num_images": int(total[-1]),
+                         "seconds": dict(zip(names, seconds.tolist()))})
+    write_json(evaluation["path"], {**result, "token": evaluation["token"], "epoch": weights.epoch,
+                                    "workers": world, "private_memory_mb": memory.grown_mb(),
+                                    "window": [started, time.time()]})
