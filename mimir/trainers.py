@@ -19,8 +19,8 @@ import torch
 from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
-from mimir.data.pipeline import (eval_dataset, holdout_indices, num_train_rows, resolve_dataset, train_dataset,
-                                 validation_dataset)
+from mimir.data.pipeline import (TEST_PART, eval_dataset, holdout_indices, num_train_rows, resolve_dataset,
+                                 train_dataset, validation_dataset)
 from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier
 from mimir.memory import PrivateMemoryPeak
@@ -30,7 +30,6 @@ from mimir.stages import (_join, _write_stage_record, check_stage, read_stage_re
                           stage_checkpoint, storage_root)
 from mimir.storage import read_bytes
 
-TEST_PART = "test_"  # the dataset names of the workers' shares of an evaluation: test_0, test_1, ...
 EVALUATION_FILE = "evaluation.json"  # in the fine-tuning run folder, from its workers' evaluation
 
 

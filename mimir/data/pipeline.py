@@ -277,11 +277,15 @@ def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, e
                                     if buffer else None)
 
 
+TEST_PART = "test_"  # a training worker's share of the test split, as a dataset: test_0, test_1, ...
+
+
 def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None,
                  part: tuple[int, int] | None = None) -> ray.data.Dataset:
     """The test split, decoded and resized, in stored order (the first ``num_images`` when given).
-    ``part=(k, n)``: only the rows whose stored index is k modulo n, one worker's fixed share of an
-    evaluation spread over n (the same rows whichever worker asks first, unlike a streaming split)."""
+    ``part=(k, n)``: only the rows whose stored index is k modulo n, worker k's fixed share of an
+    evaluation spread over n (the same rows whichever worker asks first, unlike a streaming split;
+    the dataset ``f"{TEST_PART}{k}"`` of a fine-tuning run that evaluates)."""
     manifest = load_manifest(dataset_dir)
     ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
     # in stored order, so "the first N" is the same N every run: set on this dataset's own context

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
 from mimir.console import RAY_TRAIN_USER_ERROR_LOGGER, NamedErrorTracebacks, Progress, verbose
-from mimir.data.pipeline import epoch_batches
+from mimir.data.pipeline import TEST_PART, epoch_batches
 from mimir.errors import StorageError
 from mimir.evaluation import accuracies, attack_counts
 from mimir.memory import PrivateMemoryPeak
@@ -309,6 +309,9 @@ def finetune_worker(config: dict[str, Any]) -> None:
                          validate=validate, validate_every=cfg.finetune.validation.every,
                          keep=cfg.evaluate.checkpoint if evaluation else None)
     if kept is not None:
+        # trained and checkpointed: the evaluation's model and attacks take the memory these held
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
         evaluate_in_workers(cfg, config["num_classes"], kept, evaluation)
 
 
@@ -330,7 +333,7 @@ def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, eval
     torch.manual_seed(stream_seed(cfg.seed, "evaluate", rank=rank))  # the attacks' random starts
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in ray.train.get_dataset_shard(f"test_{rank}").iter_torch_batches(
+        for batch in ray.train.get_dataset_shard(f"{TEST_PART}{rank}").iter_torch_batches(
                 batch_size=cfg.evaluate.batch_size, device=device):
             yield batch["image"].float().div_(255), batch["label"]
             memory.sample()  # after the batch's attacks ran
