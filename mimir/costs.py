@@ -267,11 +267,12 @@ def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> fl
 
 # Wall seconds a stage spends outside its computation on a local Ray (a TorchTrainer's controller and
 # worker processes starting, the first Ray Data execution, checkpoints, teardown), and each epoch's
-# wait for its data; the evaluation task's start and test-split read. Measured on the quickstart on a
-# 2-core machine (docs/performance.md); a cluster's are of the same order, small against its epochs.
+# wait for its data; the evaluation's outside its attacks (in the fine-tuning workers: the test
+# split's read, the model, the trainer's teardown). Measured on the quickstart on a 2-core machine
+# (docs/performance.md); a cluster's are of the same order, small against its epochs.
 STAGE_START_SECONDS = 40.0
 EPOCH_WAIT_SECONDS = 0.5
-EVALUATE_START_SECONDS = 9.0
+EVALUATE_START_SECONDS = 7.0
 
 
 def stage_overhead(cfg: RunConfig, *, pretrain: bool = True, finetune: bool = True) -> StageCosts:

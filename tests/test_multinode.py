@@ -1,6 +1,5 @@
 """A multi-node rehearsal on one machine (tests/rehearsal.py): 2 training workers (DDP) on two Ray
-nodes, one node killed mid-run, the run finishing from its last checkpoint; then fine-tuning on both
-nodes, whose workers share the evaluation."""
+nodes, one node killed mid-run, the run finishing from its last checkpoint."""
 
 import json
 import os
@@ -33,8 +32,3 @@ def test_a_killed_worker_node_costs_at_most_checkpoint_every_epochs(data_root, t
     assert len(resumed) == 1, output[-4000:]
     rerun = happened["killed_after_epochs"] - resumed[0]
     assert 0 <= rerun <= happened["checkpoint_every"]
-    # the fine-tuning workers evaluated the best-validated weights, an odd number of images split
-    # between them: each image once, the natural accuracy the evaluation task finds for that checkpoint
-    assert happened["evaluated_by"] == "2 fine-tuning workers" and happened["evaluated_best"]
-    assert happened["num_images"] == happened["num_images_alone"] == 65
-    assert happened["natural"][0] == happened["natural"][1]

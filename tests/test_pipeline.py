@@ -107,3 +107,26 @@ def test_evaluation_streams_a_large_test_split_in_stored_order(ray_local, tmp_pa
         first = eval_dataset(dataset, cfg.data, num_images=50).take_batch(50)
         assert first["label"].tolist() == stored[:50].tolist()
     assert not ray.data.DataContext.get_current().execution_options.preserve_order
+
+
+def test_two_fine_tuning_workers_share_the_evaluation(ray_local, data_root, tmp_path):
+    """A run's evaluation in its fine-tuning workers (2, DDP on CPU, half a CPU each so Ray Data keeps
+    one): an odd number of test images split between them, each counted once, and the natural
+    accuracy the evaluated (best-validated) checkpoint has on those images."""
+    import mimir
+    from mimir.evaluation import evaluate_classifier
+    from mimir.runner import run_pipeline
+
+    out = tmp_path / "two"
+    cfg = load_config(QUICKSTART, [*quick_overrides(out, data_root), "pretrain.enabled=false",
+                                   "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+                                   "finetune.validation.every=1", "evaluate.checkpoint=best", "evaluate.num_images=65"])
+    results = run_pipeline(cfg, ("finetune", "evaluate"))
+    assert results["evaluated_by"] == "2 fine-tuning workers" and results["num_images"] == 65
+    assert results["evaluated_checkpoint"].endswith(results["finetune"]["best_checkpoint"])
+    test = eval_dataset(resolve_dataset(cfg.data), cfg.data, 65).take_batch(100)
+    natural_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"attacks": ["natural"]})})
+    alone = evaluate_classifier(mimir.load_classifier(results["evaluated_checkpoint"]),
+                                torch.from_numpy(test["image"]).float() / 255, torch.from_numpy(test["label"]),
+                                natural_only)
+    assert alone["num_images"] == 65 and alone["accuracy"]["natural"] == results["accuracy"]["natural"]
