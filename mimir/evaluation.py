@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from mimir import attacks
 from mimir.config import RunConfig
 from mimir.console import Progress
+from mimir.memory import PrivateMemoryPeak
 from mimir.mi import MIPenalty
 from mimir.models import Classifier, build_classifier
 from mimir.seeding import stream_seed
@@ -85,9 +86,26 @@ def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.T
     return evaluate_batches(model, zip(images.split(size), labels.split(size)), cfg)
 
 
+def test_batches(source: Any, batch_size: int, memory: PrivateMemoryPeak | None = None,
+                 device: torch.device | str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images in [0, 1] and labels from a test dataset or a worker's share of one (anything with
+    Ray Data's ``iter_torch_batches``, whose ``device`` default "auto" is Ray Train's device in a
+    worker and the CPU elsewhere), sampling ``memory`` after each batch's attacks."""
+    for batch in source.iter_torch_batches(batch_size=batch_size, device=device):
+        yield batch["image"].float().div_(255), batch["label"]
+        if memory is not None:
+            memory.sample()
+
+
+def classifier_from(cfg: RunConfig, num_classes: int, weights: dict[str, torch.Tensor],
+                    device: torch.device | str = "cpu") -> Classifier:
+    """A classifier of the config's architecture holding ``weights`` (a fine-tuned state dict)."""
+    model = build_classifier(cfg, num_classes)
+    model.load_state_dict(weights)
+    return model.to(device)
+
+
 def load_classifier(checkpoint_dir: str | Path, cfg: RunConfig, device: torch.device | str = "cpu") -> Classifier:
     """The fine-tuned classifier stored in a fine-tuning checkpoint."""
-    state = load_state(checkpoint_dir)
-    model = build_classifier(cfg, state["num_classes"])
-    model.load_state_dict(load_weights(checkpoint_dir, device))
-    return model.to(device)
+    return classifier_from(cfg, load_state(checkpoint_dir)["num_classes"], load_weights(checkpoint_dir, device),
+                           device)

@@ -17,7 +17,7 @@ import torch
 
 from mimir.config import FAILED, STAGES, RunConfig
 from mimir.data.format import load_manifest, verify_dataset
-from mimir.data.pipeline import resolve_dataset
+from mimir.data.pipeline import num_test_images, resolve_dataset
 from mimir.errors import ConfigError, NonFiniteRun
 from mimir.folder_lock import folder_lock
 from mimir.memory import check_run_memory
@@ -174,9 +174,8 @@ def preflight(cfg: RunConfig, stages: Sequence[str] = STAGES, *, resume: bool = 
                 f"trains {optim.epochs} epochs at batch {optim.batch_size}")
         lines.append(f"{stage}: {what} ({_join(storage, stage)})")
     if "evaluate" in stages:
-        test_rows = manifest["splits"]["test"]["num_rows"]
         lines.append(f"evaluate: {', '.join(cfg.evaluate.attacks)} on "
-                     f"{min(test_rows, cfg.evaluate.num_images or test_rows)} test images")
+                     f"{num_test_images(dataset_dir, cfg.evaluate.num_images)} test images")
     lines.append(f"accelerator: {accelerator(cfg)}")
     check_run_memory(cfg, training)  # an OOM kill an hour in is worse than a message now
     lines.append(f"memory: each training stage's batch fits ({', '.join(training) or 'nothing trains'})")

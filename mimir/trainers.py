@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -19,10 +19,10 @@ import torch
 from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
-from mimir.data.pipeline import (TEST_PART, eval_dataset, holdout_indices, num_train_rows, resolve_dataset,
-                                 train_dataset, validation_dataset)
+from mimir.data.pipeline import (TEST_PART, eval_dataset, holdout_indices, num_test_images, num_train_rows,
+                                 resolve_dataset, train_dataset, validation_dataset)
 from mimir.errors import named_cause
-from mimir.evaluation import evaluate_batches, load_classifier
+from mimir.evaluation import evaluate_batches, load_classifier, test_batches
 from mimir.memory import PrivateMemoryPeak
 from mimir.ray_env import quiet_ray_data
 from mimir.seeding import stream_seed
@@ -155,9 +155,8 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
     workers = cfg.scaling.num_workers
     if evaluate:
         # a token of this call, so an evaluation file an earlier run left is never taken for this one's
-        test_rows = manifest["splits"]["test"]["num_rows"]
         loop_config["evaluation"] = {"path": _join(storage, name, EVALUATION_FILE), "token": uuid.uuid4().hex,
-                                     "images": min(test_rows, cfg.evaluate.num_images or test_rows)}
+                                     "images": num_test_images(dataset_dir, cfg.evaluate.num_images)}
 
     def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
         built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
@@ -210,15 +209,9 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
     dataset_dir = resolve_dataset(cfg.data)
     ds = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in ds.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
-            yield batch["image"].float().div_(255), batch["label"]
-            memory.sample()  # after the batch's attacks ran
-
-    test_rows = load_manifest(dataset_dir)["splits"]["test"]["num_rows"]
-    total = min(test_rows, cfg.evaluate.num_images or test_rows)
+    total = num_test_images(dataset_dir, cfg.evaluate.num_images)
     progress = Progress("[evaluate]", total, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
-    result = evaluate_batches(model, batches(), cfg, progress)
+    result = evaluate_batches(model, test_batches(ds, cfg.evaluate.batch_size, memory), cfg, progress)
     result["private_memory_mb"] = memory.grown_mb()
     return result
 

@@ -304,6 +304,12 @@ def _rows_of_part(batch: Batch, part: tuple[int, int]) -> Batch:
     return {key: value[keep] for key, value in batch.items()}
 
 
+def num_test_images(dataset_dir: Path, num_images: int | None) -> int:
+    """How many test images an evaluation reads: the split's, or the first ``num_images`` of them."""
+    rows = load_manifest(dataset_dir)["splits"]["test"]["num_rows"]
+    return min(rows, num_images or rows)
+
+
 def num_train_rows(dataset_dir: Path, data: DataConfig, finetune: bool) -> int:
     """Rows per epoch, as the learning-rate schedule needs to know the steps per epoch up front."""
     manifest = load_manifest(dataset_dir)

@@ -26,7 +26,7 @@ from mimir.config import OptimConfig, RunConfig
 from mimir.console import RAY_TRAIN_USER_ERROR_LOGGER, NamedErrorTracebacks, Progress, verbose
 from mimir.data.pipeline import TEST_PART, epoch_batches
 from mimir.errors import StorageError
-from mimir.evaluation import accuracies, attack_counts
+from mimir.evaluation import accuracies, attack_counts, classifier_from, test_batches
 from mimir.memory import PrivateMemoryPeak
 from mimir.metrics import MetricsLog, Tracker
 from mimir.mi import MIPenalty
@@ -327,22 +327,14 @@ def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, eval
     device = ray.train.torch.get_device()
     started = time.time()
     memory = PrivateMemoryPeak()
-    model = build_classifier(cfg, num_classes)
-    model.load_state_dict(weights.state)
-    model.to(device)
+    model = classifier_from(cfg, num_classes, weights.state, device)
     torch.manual_seed(stream_seed(cfg.seed, "evaluate", rank=rank))  # the attacks' random starts
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in ray.train.get_dataset_shard(f"{TEST_PART}{rank}").iter_torch_batches(
-                batch_size=cfg.evaluate.batch_size, device=device):
-            yield batch["image"].float().div_(255), batch["label"]
-            memory.sample()  # after the batch's attacks ran
-
+    batches = test_batches(ray.train.get_dataset_shard(f"{TEST_PART}{rank}"), cfg.evaluate.batch_size, memory, device)
     progress = None
     if rank == 0:
         share = -(-int(evaluation["images"]) // world)
         progress = Progress("[evaluate]", share, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
-    part = attack_counts(model, batches(), cfg, progress)
+    part = attack_counts(model, batches, cfg, progress)
     names = list(cfg.evaluate.attacks)
     counts = torch.tensor([part["correct"][n] for n in names] + [part["num_images"]], dtype=torch.float64,
                           device=device)
