@@ -19,7 +19,7 @@ import torch
 from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
-from mimir.data.pipeline import (TEST_PART, eval_dataset, holdout_indices, num_test_images, num_train_rows,
+from mimir.data.pipeline import (eval_dataset, holdout_indices, num_test_images, num_train_rows, part_name,
                                  resolve_dataset, train_dataset, validation_dataset)
 from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier, test_batches
@@ -48,8 +48,8 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
 
     ``datasets(start_epoch)`` builds the stage's data. Ray Train calls it whenever it starts the
     workers, at the first start and after every restart, so the data continues at the epoch the
-    weights continue from. Each worker gets a share of every dataset, except the ``test_<rank>``
-    parts, which are one worker's each. ``scored``: keep the checkpoint with the best
+    weights continue from. Several workers split "train" between them; every other dataset is one
+    worker's fixed part (``val_<rank>``, ``test_<rank>``). ``scored``: keep the checkpoint with the best
     ``checkpoint_score`` beside the latest; the stage record names it ``best_checkpoint``."""
     if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
@@ -72,9 +72,10 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
         ),
         datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first},
-        # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish
+        # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish. A lone
+        # worker iterates the dataset itself: a split would start a coordinator process to hand it all
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[key for key in first if not key.startswith(TEST_PART)],
+            datasets_to_split=["train"] if cfg.scaling.num_workers > 1 else [],
             execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
@@ -162,11 +163,12 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
         built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
                                         holdout=holdout, generated_dir=generated,
                                         batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
-        if len(holdout):
-            built["val"] = validation_dataset(dataset_dir, cfg.data, holdout)
-        if evaluate:
-            built.update({f"{TEST_PART}{rank}": eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
-                                                             part=(rank, workers)) for rank in range(workers)})
+        for rank in range(workers):
+            if len(holdout):
+                built[part_name("val", rank)] = validation_dataset(dataset_dir, cfg.data, holdout, part=(rank, workers))
+            if evaluate:
+                built[part_name("test", rank)] = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
+                                                              part=(rank, workers))
         return built
 
     checkpoint = _fit("finetune", cfg, storage, name, finetune_worker, loop_config, datasets, resume, callbacks,

@@ -69,6 +69,37 @@ def test_cached_split_is_read_once_and_still_augmented_anew_each_epoch(ray_local
     assert isinstance(pipeline.read_split(copy, "train", True), MaterializedDataset)
 
 
+def test_a_small_split_read_by_the_driver_gives_what_ray_data_reads(ray_local, data_root, monkeypatch):
+    """The digits are read by the driver (no Ray Data job to start); every dataset a run builds from
+    them holds, to the byte and in order, what Ray Data's read of the same files gives."""
+    import numpy as np
+
+    from mimir.data import pipeline
+
+    cfg = load_config(QUICKSTART, [f"data.root={data_root}"])
+    path = resolve_dataset(cfg.data)
+    holdout = pipeline.holdout_indices(path, 30, seed=0)
+
+    def datasets() -> list[dict]:
+        train = train_dataset(path, cfg.data, finetune=True, seed=0, start_epoch=2, holdout=holdout)
+        built = [train.take_batch(2000), train.take_batch(2000)]  # two epochs
+        built += [pipeline.validation_dataset(path, cfg.data, holdout, part=part).take_batch(2000)
+                  for part in ((0, 1), (1, 2))]
+        built += [eval_dataset(path, cfg.data, 50, part=part).take_batch(2000) for part in ((0, 1), (2, 3))]
+        return built
+
+    assert pipeline.small_split(path, "train") is not None
+    by_driver = datasets()
+    monkeypatch.setattr(pipeline, "DRIVER_READ_BYTES", 0)
+    assert pipeline.small_split(path, "train") is None
+    by_ray_data = datasets()
+    odd_rows = int((holdout % 2 == 1).sum())  # validation part (1, 2)
+    assert [len(batch["label"]) for batch in by_driver] == [1317, 1317, 30, odd_rows, 50, 16]
+    for ours, theirs in zip(by_driver, by_ray_data):
+        assert np.array_equal(ours["label"], theirs["label"]) and np.array_equal(ours["image"], theirs["image"])
+    assert not np.array_equal(by_driver[0]["image"], by_driver[1]["image"])  # each epoch crops anew
+
+
 def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root))
     (tmp_path / "pretrain").mkdir(parents=True)

@@ -22,6 +22,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
+from ray.data.extensions import ArrowTensorArray
 
 from mimir import ray_private
 from mimir.config import DataConfig
@@ -151,6 +152,18 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
 
 
 CACHE_FRACTION = 0.25  # of the cluster's object store, for ``cache_in_memory: null``
+# a split this small is read by the driver itself (pyarrow, then into the object store): a Ray Data
+# read starts task processes, seconds on 2 cores, for what takes the driver milliseconds
+DRIVER_READ_BYTES = 32 << 20
+
+
+def small_split(dataset_dir: Path, split: str) -> pa.Table | None:
+    """The whole split as one Arrow table in stored order, when its files add up to at most
+    ``DRIVER_READ_BYTES``; else None (a Ray Data read, on any node of the cluster)."""
+    files = split_files(dataset_dir, split)
+    if sum(Path(f).stat().st_size for f in files) > DRIVER_READ_BYTES:
+        return None
+    return pa.concat_tables([pq.read_table(f) for f in files])
 
 
 def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = None,
@@ -158,11 +171,14 @@ def read_split(dataset_dir: Path, split: str, cache_in_memory: bool | None = Non
     """The split's raw rows, read once into the object store when cached (each epoch re-executes a
     dataset: uncached, every epoch lists and reads the files again, a fixed cost of about two seconds
     even for a small split). The random transforms stay after this point, so they differ per epoch.
-    With a ``seed`` the files are read in a new seeded order at every execution (epoch)."""
+    With a ``seed`` the files are read in a new seeded order at every execution (epoch). A cached
+    :func:`small_split` is read by the driver: one block, as Ray Data's read of one small file gives."""
     files = split_files(dataset_dir, split)
     if cache_in_memory is None:
         capacity = ray.cluster_resources().get("object_store_memory", 0.0)
         cache_in_memory = sum(Path(f).stat().st_size for f in files) <= CACHE_FRACTION * capacity
+    if cache_in_memory and (table := small_split(dataset_dir, split)) is not None:
+        return ray.data.from_arrow(table)
     shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=stream_seed(seed, "file_order"),
                                                                      reseed_after_execution=True)
     ds = ray.data.read_parquet(files, shuffle=shuffle)
@@ -250,19 +266,37 @@ def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray) -> ray.data.Dataset:
+def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray,
+                       part: tuple[int, int] | None = None) -> ray.data.Dataset:
     """The held-out training rows, decoded and resized as the test split is (no augmentation), read
     into the object store once: the rows lie all over the shards, and a scan per validation would
-    read the whole training split each time."""
+    read the whole training split each time. ``part``: one worker's fixed share, as for
+    :func:`eval_dataset`."""
     manifest = load_manifest(dataset_dir)
+    fn_kwargs = dict(manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout, part=part)
+    table = small_split(dataset_dir, "train")
+    if table is not None:
+        return _in_object_store(_held_out(_columns(table), **fn_kwargs))
     ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
-    return ds.map_batches(_held_out, batch_size=256, fn_kwargs=dict(
-        manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout)).materialize()
+    return ds.map_batches(_held_out, batch_size=256, fn_kwargs=fn_kwargs).materialize()
 
 
-def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float, holdout: np.ndarray) -> Batch:
+def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float, holdout: np.ndarray,
+              part: tuple[int, int] | None = None) -> Batch:
     keep = np.isin(batch["index"], holdout)
+    if part is not None:
+        keep &= batch["index"] % part[1] == part[0]
     return eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size, crop_pct)
+
+
+def _columns(table: pa.Table) -> Batch:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _in_object_store(batch: Batch) -> ray.data.Dataset:
+    """Decoded images and labels (:func:`eval_transform`'s batch) as a one-block dataset."""
+    return ray.data.from_arrow(pa.table({"image": ArrowTensorArray.from_numpy(batch["image"]),
+                                         "label": batch["label"]}))
 
 
 def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, epoch: int, rank: int,
@@ -277,7 +311,9 @@ def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, e
                                     if buffer else None)
 
 
-TEST_PART = "test_"  # a training worker's share of the test split, as a dataset: test_0, test_1, ...
+def part_name(split: str, rank: int) -> str:
+    """The dataset name of worker ``rank``'s fixed share of a split: ``val_0``, ``test_1``, ..."""
+    return f"{split}_{rank}"
 
 
 def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None,
@@ -285,15 +321,23 @@ def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = N
     """The test split, decoded and resized, in stored order (the first ``num_images`` when given).
     ``part=(k, n)``: only the rows whose stored index is k modulo n, worker k's fixed share of an
     evaluation spread over n (the same rows whichever worker asks first, unlike a streaming split;
-    the dataset ``f"{TEST_PART}{k}"`` of a fine-tuning run that evaluates)."""
+    the dataset ``part_name("test", k)`` of a fine-tuning run that evaluates). A
+    :func:`small_split` is decoded by the caller, at once."""
     manifest = load_manifest(dataset_dir)
+    part = part if part is not None and part[1] > 1 else None
+    table = small_split(dataset_dir, "test")
+    if table is not None:
+        rows = _columns(table.slice(0, num_images))
+        if part is not None:
+            rows = _rows_of_part(rows, part)
+        return _in_object_store(eval_transform(rows, manifest, data.img_size, data.eval_crop_pct))
     ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
     # in stored order, so "the first N" is the same N every run: set on this dataset's own context
     # (its derived datasets share it), never the process's, which later datasets would inherit
     ds.context.execution_options.preserve_order = True
     if num_images is not None:
         ds = ds.limit(num_images)
-    if part is not None and part[1] > 1:
+    if part is not None:
         ds = ds.map_batches(_rows_of_part, batch_size=256, fn_kwargs=dict(part=part))
     return ds.map_batches(eval_transform, batch_size=256, fn_kwargs=dict(manifest=manifest, img_size=data.img_size,
                                                                          crop_pct=data.eval_crop_pct))

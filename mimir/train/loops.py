@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mimir import attacks
 from mimir.config import OptimConfig, RunConfig
 from mimir.console import RAY_TRAIN_USER_ERROR_LOGGER, NamedErrorTracebacks, Progress, verbose
-from mimir.data.pipeline import TEST_PART, epoch_batches
+from mimir.data.pipeline import epoch_batches, part_name
 from mimir.errors import StorageError
 from mimir.evaluation import accuracies, attack_counts, classifier_from, test_batches
 from mimir.memory import PrivateMemoryPeak
@@ -300,7 +300,9 @@ def finetune_worker(config: dict[str, Any]) -> None:
 
     validate = None
     if cfg.finetune.validation.images:
-        validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard("val"), cfg, device)
+        rank = ray.train.get_context().get_world_rank()
+        validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard(part_name("val", rank)),
+                                     cfg, device)
 
     evaluation = config.get("evaluation")  # the run's evaluation, done here where the weights are
     kept = _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"],
@@ -329,7 +331,8 @@ def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, eval
     memory = PrivateMemoryPeak()
     model = classifier_from(cfg, num_classes, weights.state, device)
     torch.manual_seed(stream_seed(cfg.seed, "evaluate", rank=rank))  # the attacks' random starts
-    batches = test_batches(ray.train.get_dataset_shard(f"{TEST_PART}{rank}"), cfg.evaluate.batch_size, memory, device)
+    batches = test_batches(ray.train.get_dataset_shard(part_name("test", rank)), cfg.evaluate.batch_size, memory,
+                           device)
     progress = None
     if rank == 0:
         share = -(-int(evaluation["images"]) // world)
