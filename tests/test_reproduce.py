@@ -242,8 +242,8 @@ def test_cpu_trials_are_priced_from_a_bench_of_their_own_model_or_not_at_all(tmp
     with_renyi = plan_sweep(spec_path("digits_table7"), costs=[_bench_report(tmp_path / "renyi.json", cfg, {
         **per_image, "mimir_renyi": 5e-3})])
     assert with_renyi.trials[2].costs.pretrain == pytest.approx((1e-3 + 1 * 4e-3) * 1347 * 20)  # timed: its own
-    train_rows, validations = 1347, 9  # validation every 3rd of 25 epochs and after the last
-    assert mimir_row.costs.finetune == pytest.approx((4e-3 - 1e-3 + 2 * 1e-3) * train_rows * 25
+    train_rows, validations = 1347, 14  # validation every 3rd of 40 epochs and after the last
+    assert mimir_row.costs.finetune == pytest.approx((4e-3 - 1e-3 + 2 * 1e-3) * train_rows * 40
                                                     + 150 * 6 * 1e-3 * validations)  # PGD-2; PGD-5 validation
     assert mimir_row.costs.evaluate == pytest.approx(450 * (1 + 20) * 1e-3)  # natural + PGD-20
     assert no_pretraining.costs.pretrain == 0 and not plan.unpriced

@@ -219,7 +219,7 @@ def test_a_dry_run_checks_everything_and_says_what_each_stage_would_do_without_t
     args = ["run", str(QUICKSTART), f"output_dir={out}", f"data.root={data_root}"]
     assert main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "pretrain: trains 20 epochs at batch 128" in printed and "finetune: trains 25 epochs at batch 32" in printed
+    assert "pretrain: trains 20 epochs at batch 128" in printed and "finetune: trains 40 epochs at batch 32" in printed
     assert "evaluate: natural, pgd20 on 450 test images" in printed and "accelerator: CPU" in printed
     assert "memory: each training stage's batch fits" in printed and not out.exists()
     # the first problem ends it, non-zero, before anything runs
