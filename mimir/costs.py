@@ -269,10 +269,11 @@ def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> fl
 # worker processes starting, the first Ray Data execution, checkpoints, teardown), and each epoch's
 # wait for its data; the evaluation's outside its attacks (in the fine-tuning workers: the test
 # split's read, the model, the trainer's teardown). Measured on the quickstart on a 2-core machine
-# (docs/performance.md); a cluster's are of the same order, small against its epochs.
-STAGE_START_SECONDS = 40.0
-EPOCH_WAIT_SECONDS = 0.5
-EVALUATE_START_SECONDS = 7.0
+# (docs/performance.md, "Stage start-up in a plan"); a cluster's are of the same order, small
+# against its epochs.
+STAGE_START_SECONDS = 14.0
+EPOCH_WAIT_SECONDS = 0.2
+EVALUATE_START_SECONDS = 1.0
 
 
 def stage_overhead(cfg: RunConfig, *, pretrain: bool = True, finetune: bool = True) -> StageCosts:
