@@ -20,7 +20,7 @@ from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
 from mimir.data.pipeline import (eval_dataset, holdout_indices, num_test_images, num_train_rows, part_name,
-                                 resolve_dataset, train_dataset, validation_dataset)
+                                 resolve_dataset, train_dataset, validation_parts)
 from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier, test_batches
 from mimir.memory import PrivateMemoryPeak
@@ -163,12 +163,12 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
         built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
                                         holdout=holdout, generated_dir=generated,
                                         batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
-        for rank in range(workers):
-            if len(holdout):
-                built[part_name("val", rank)] = validation_dataset(dataset_dir, cfg.data, holdout, part=(rank, workers))
-            if evaluate:
-                built[part_name("test", rank)] = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
-                                                              part=(rank, workers))
+        if len(holdout):
+            built.update({part_name("val", rank): part for rank, part in
+                          enumerate(validation_parts(dataset_dir, cfg.data, holdout, workers))})
+        if evaluate:
+            built.update({part_name("test", rank): eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
+                                                                part=(rank, workers)) for rank in range(workers)})
         return built
 
     checkpoint = _fit("finetune", cfg, storage, name, finetune_worker, loop_config, datasets, resume, callbacks,

@@ -83,8 +83,8 @@ def test_a_small_split_read_by_the_driver_gives_what_ray_data_reads(ray_local, d
     def datasets() -> list[dict]:
         train = train_dataset(path, cfg.data, finetune=True, seed=0, start_epoch=2, holdout=holdout)
         built = [train.take_batch(2000), train.take_batch(2000)]  # two epochs
-        built += [pipeline.validation_dataset(path, cfg.data, holdout, part=part).take_batch(2000)
-                  for part in ((0, 1), (1, 2))]
+        built += [pipeline.validation_parts(path, cfg.data, holdout, workers)[rank].take_batch(2000)
+                  for rank, workers in ((0, 1), (1, 2))]
         built += [eval_dataset(path, cfg.data, 50, part=part).take_batch(2000) for part in ((0, 1), (2, 3))]
         return built
 

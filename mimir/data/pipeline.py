@@ -266,27 +266,28 @@ def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def validation_dataset(dataset_dir: Path, data: DataConfig, holdout: np.ndarray,
-                       part: tuple[int, int] | None = None) -> ray.data.Dataset:
+def validation_parts(dataset_dir: Path, data: DataConfig, holdout: np.ndarray, workers: int) -> list[ray.data.Dataset]:
     """The held-out training rows, decoded and resized as the test split is (no augmentation), read
-    into the object store once: the rows lie all over the shards, and a scan per validation would
-    read the whole training split each time. ``part``: one worker's fixed share, as for
-    :func:`eval_dataset`."""
+    and decoded once (the rows lie all over the shards: a scan per validation, or per worker, would
+    read the whole training split each time), as one dataset per worker: worker k's part holds the
+    rows whose stored index is k modulo ``workers``, as in :func:`eval_dataset`."""
     manifest = load_manifest(dataset_dir)
-    fn_kwargs = dict(manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout, part=part)
+    fn_kwargs = dict(manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout)
     table = small_split(dataset_dir, "train")
     if table is not None:
-        return _in_object_store(_held_out(_columns(table), **fn_kwargs))
-    ds = ray.data.read_parquet(split_files(dataset_dir, "train"))
-    return ds.map_batches(_held_out, batch_size=256, fn_kwargs=fn_kwargs).materialize()
+        rows = _held_out(_columns(table), **fn_kwargs)
+        return [_in_object_store(_rows_of_part(rows, (k, workers))) for k in range(workers)]
+    held = ray.data.read_parquet(split_files(dataset_dir, "train")).map_batches(
+        _held_out, batch_size=256, fn_kwargs=fn_kwargs).materialize()
+    if workers == 1:
+        return [held]
+    return [held.map_batches(_rows_of_part, batch_size=256, fn_kwargs=dict(part=(k, workers))) for k in range(workers)]
 
 
-def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float, holdout: np.ndarray,
-              part: tuple[int, int] | None = None) -> Batch:
+def _held_out(batch: Batch, manifest: dict[str, Any], img_size: int, crop_pct: float, holdout: np.ndarray) -> Batch:
     keep = np.isin(batch["index"], holdout)
-    if part is not None:
-        keep &= batch["index"] % part[1] == part[0]
-    return eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size, crop_pct)
+    decoded = eval_transform({key: value[keep] for key, value in batch.items()}, manifest, img_size, crop_pct)
+    return {**decoded, "index": batch["index"][keep]}
 
 
 def _columns(table: pa.Table) -> Batch:
