@@ -86,11 +86,11 @@ def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.T
     return evaluate_batches(model, zip(images.split(size), labels.split(size)), cfg)
 
 
-def test_batches(source: Any, batch_size: int, memory: PrivateMemoryPeak | None = None,
-                 device: torch.device | str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Images in [0, 1] and labels from a test dataset or a worker's share of one (anything with
-    Ray Data's ``iter_torch_batches``, whose ``device`` default "auto" is Ray Train's device in a
-    worker and the CPU elsewhere), sampling ``memory`` after each batch's attacks."""
+def test_batches(source: Any, batch_size: int, memory: PrivateMemoryPeak | None,
+                 device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images in [0, 1] and labels on ``device`` from a test dataset or a worker's share of one
+    (anything with Ray Data's ``iter_torch_batches``: a Ray dataset or shard, or
+    :class:`~mimir.data.pipeline.InMemoryRows`), sampling ``memory`` after each batch's attacks."""
     for batch in source.iter_torch_batches(batch_size=batch_size, device=device):
         yield batch["image"].float().div_(255), batch["label"]
         if memory is not None:

@@ -1,9 +1,9 @@
 """Every use of Ray's private API, in one place.
 
-mimir needs three things Ray does not expose publicly; each is read or set here and nowhere else,
+mimir needs these things Ray does not expose publicly; each is read or set here and nowhere else,
 and ``pyproject.toml`` pins Ray to the versions these were tested on (2.60.x). When Ray changes one
-of them, ``tests/test_data_order.py`` (the execution counter) and ``tests/test_console.py`` (the
-logging config) fail first.
+of them, ``tests/test_data_order.py`` (the execution counter), ``tests/test_console.py`` (the
+logging config) and ``tests/test_pipeline.py`` (the shuffle buffer) fail first.
 
 - Ray Data's per-dataset execution counter: the epoch a Ray Data task works for. Ray's own seeded
   operators (``RandomSeedConfig(reseed_after_execution=True)``, ``FileShuffleConfig``) key their
@@ -11,6 +11,8 @@ logging config) fail first.
   run restarts from.
 - Ray Data's default logging config, which mimir extends to quiet Ray Data's notices in the
   processes Ray starts.
+- Ray Data's local shuffle buffer (``ShufflingBatcher``), which a lone worker runs over a small
+  split it augments itself, so that its batches are those Ray Data would give.
 - The raylet's idle-worker timeout (a ``_system_config`` key of ``ray.init``).
 - The "(RayTrainWorker pid=N)" prefix on worker lines the driver prints: Ray reads its switch
   (``RAY_DISABLE_WORKER_LOG_PREFIX``) from the environment once, when ``ray`` is imported.
@@ -19,6 +21,7 @@ logging config) fail first.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -56,3 +59,20 @@ def init_local_ray(idle_worker_ms: int, **kwargs: Any) -> None:
     cluster started by ``ray start`` runs on this machine (plain ``ray.init()`` would join that one,
     and refuse these settings)."""
     ray.init(address="local", _system_config={"idle_worker_killing_time_threshold_ms": idle_worker_ms}, **kwargs)
+
+
+def local_shuffle(rows: dict[str, Any], batch_size: int, buffer_rows: int, seed: int | None,
+                  drop_last: bool) -> Iterator[dict[str, Any]]:
+    """The numpy batches Ray Data's ``iter_batches(local_shuffle_buffer_size=buffer_rows,
+    local_shuffle_seed=seed)`` gives over a dataset of one block holding ``rows``: Ray's own shuffle
+    buffer, fed as its batching iterator feeds it."""
+    from ray.data._internal.batcher import ShufflingBatcher
+    from ray.data.block import BlockAccessor
+
+    batcher = ShufflingBatcher(batch_size=batch_size, shuffle_buffer_min_size=buffer_rows, shuffle_seed=seed)
+    batcher.add(BlockAccessor.batch_to_block(rows))
+    while batcher.has_batch():
+        yield BlockAccessor.for_block(batcher.next_batch()).to_batch_format("numpy")
+    batcher.done_adding()
+    while batcher.has_batch() or (batcher.has_any() and not drop_last):
+        yield BlockAccessor.for_block(batcher.next_batch()).to_batch_format("numpy")

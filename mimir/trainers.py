@@ -9,8 +9,10 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -19,8 +21,8 @@ import torch
 from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
-from mimir.data.pipeline import (eval_dataset, holdout_indices, num_test_images, num_train_rows, part_name,
-                                 resolve_dataset, train_dataset, validation_parts)
+from mimir.data.pipeline import (eval_dataset, holdout_indices, local_train_split, num_test_images, num_train_rows,
+                                 part_name, resolve_dataset, small_test_rows, train_dataset, validation_parts)
 from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier, test_batches
 from mimir.memory import PrivateMemoryPeak
@@ -42,14 +44,16 @@ def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
 
 
 def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_config: dict[str, Any],
-         datasets: Callable[[int], dict[str, ray.data.Dataset]], resume: bool,
+         datasets: Callable[[int], dict[str, Any]], resume: bool,
          callbacks: Sequence[Any] = (), scored: bool = False) -> ray.train.Checkpoint:
     """Run one TorchTrainer stage (or reuse it when already finished); returns its final checkpoint.
 
-    ``datasets(start_epoch)`` builds the stage's data. Ray Train calls it whenever it starts the
-    workers, at the first start and after every restart, so the data continues at the epoch the
-    weights continue from. Several workers split "train" between them; every other dataset is one
-    worker's fixed part (``val_<rank>``, ``test_<rank>``). ``scored``: keep the checkpoint with the best
+    ``datasets(start_epoch)`` builds the stage's data: Ray datasets, and a small split's rows in
+    memory (:func:`_training_split`, :func:`_test_part`), which go to the workers in their config. Ray Train calls it whenever
+    it starts the workers, at the first start and after every restart, so the data continues at the
+    epoch the weights continue from (rows in memory are indexed by epoch in the worker). Several
+    workers split "train" between them; every other dataset is one worker's fixed part
+    (``val_<rank>``, ``test_<rank>``). ``scored``: keep the checkpoint with the best
     ``checkpoint_score`` beside the latest; the stage record names it ``best_checkpoint``."""
     if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
@@ -58,9 +62,10 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
                                               checkpoint_score_order="max")
                    if scored else ray.train.CheckpointConfig(num_to_keep=2))
     first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
+    in_memory = {key: data for key, data in first.items() if not isinstance(data, ray.data.Dataset)}
     trainer = ray.train.torch.TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "run_folder": _join(storage, name)},
+        train_loop_config={**loop_config, "run_folder": _join(storage, name), "in_memory": in_memory},
         scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(
             name=name,
@@ -71,7 +76,8 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("MIMIR_TRAIN_LOG_LEVEL", "WARNING")),
         ),
-        datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first},
+        datasets={key: _restart_aware(datasets, storage, name, key, first[key]) for key in first
+                  if key not in in_memory},
         # rows in the seeded order the dataset puts them in, not the order Ray's tasks finish. A lone
         # worker iterates the dataset itself: a split would start a coordinator process to hand it all
         dataset_config=ray.train.DataConfig(
@@ -104,7 +110,7 @@ def _relative(checkpoint: ray.train.Checkpoint) -> str:
     return "/".join(checkpoint.path.rstrip("/").rsplit("/", 2)[-2:])
 
 
-def _restart_aware(datasets: Callable[[int], dict[str, ray.data.Dataset]], storage: str, name: str, key: str,
+def _restart_aware(datasets: Callable[[int], dict[str, Any]], storage: str, name: str, key: str,
                    first: ray.data.Dataset) -> Callable[[], ray.data.Dataset]:
     """The dataset for Ray Train: ``first`` at the first start, rebuilt at the resumed epoch after a restart."""
     started = [False]
@@ -126,8 +132,8 @@ def run_pretrain(cfg: RunConfig, *, storage: str | None = None, name: str = "pre
     dataset_dir = resolve_dataset(cfg.data)
     steps = max(num_train_rows(dataset_dir, cfg.data, finetune=False) // cfg.pretrain.batch_size, 1)
 
-    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
-        return {"train": train_dataset(dataset_dir, cfg.data, finetune=False, seed=cfg.seed, start_epoch=start_epoch)}
+    def datasets(start_epoch: int) -> dict[str, Any]:
+        return {"train": _training_split(cfg, dataset_dir, finetune=False, start_epoch=start_epoch)}
 
     return _fit("pretrain", cfg, storage or storage_root(cfg), name, pretrain_worker,
                 {"run": cfg.model_dump(mode="json"), "steps_per_epoch": steps}, datasets, resume, callbacks)
@@ -159,21 +165,36 @@ def run_finetune(cfg: RunConfig, pretrained: ray.train.Checkpoint | None, *, sto
         loop_config["evaluation"] = {"path": _join(storage, name, EVALUATION_FILE), "token": uuid.uuid4().hex,
                                      "images": num_test_images(dataset_dir, cfg.evaluate.num_images)}
 
-    def datasets(start_epoch: int) -> dict[str, ray.data.Dataset]:
-        built = {"train": train_dataset(dataset_dir, cfg.data, finetune=True, seed=cfg.seed, start_epoch=start_epoch,
-                                        holdout=holdout, generated_dir=generated,
-                                        batch_size=cfg.finetune.batch_size // cfg.scaling.num_workers)}
+    def datasets(start_epoch: int) -> dict[str, Any]:
+        built = {"train": _training_split(cfg, dataset_dir, finetune=True, start_epoch=start_epoch, holdout=holdout,
+                                          generated_dir=generated)}
         if len(holdout):
             built.update({part_name("val", rank): part for rank, part in
                           enumerate(validation_parts(dataset_dir, cfg.data, holdout, workers))})
         if evaluate:
-            built.update({part_name("test", rank): eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images,
-                                                                part=(rank, workers)) for rank in range(workers)})
+            built.update({part_name("test", rank): _test_part(cfg, dataset_dir, (rank, workers))
+                          for rank in range(workers)})
         return built
 
     checkpoint = _fit("finetune", cfg, storage, name, finetune_worker, loop_config, datasets, resume, callbacks,
                       scored=bool(len(holdout)))
     return checkpoint, _workers_evaluation(cfg, storage, name, loop_config.get("evaluation"))
+
+
+def _training_split(cfg: RunConfig, dataset_dir: Path, *, finetune: bool, start_epoch: int,
+                    holdout: np.ndarray | None = None, generated_dir: Path | None = None) -> Any:
+    """A stage's training split: a lone worker's small split in memory (it augments each epoch
+    itself: no Ray Data execution, no task process), else the Ray Data pipeline."""
+    batch_size = (cfg.finetune if finetune else cfg.pretrain).batch_size // cfg.scaling.num_workers
+    kwargs = dict(finetune=finetune, seed=cfg.seed, holdout=holdout, batch_size=batch_size, generated_dir=generated_dir)
+    local = local_train_split(dataset_dir, cfg.data, **kwargs) if cfg.scaling.num_workers == 1 else None
+    return local if local is not None else train_dataset(dataset_dir, cfg.data, start_epoch=start_epoch, **kwargs)
+
+
+def _test_part(cfg: RunConfig, dataset_dir: Path, part: tuple[int, int]) -> Any:
+    """A worker's share of the test split: decoded rows in memory for a small split, else Ray Data's."""
+    rows = small_test_rows(dataset_dir, cfg.data, cfg.evaluate.num_images, part)
+    return rows if rows is not None else eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images, part=part)
 
 
 def _workers_evaluation(cfg: RunConfig, storage: str, name: str,
@@ -209,11 +230,11 @@ def _evaluate_task(cfg_json: dict[str, Any], checkpoint: ray.train.Checkpoint) -
     with checkpoint.as_directory() as directory:
         model = load_classifier(directory, cfg, device)
     dataset_dir = resolve_dataset(cfg.data)
-    ds = eval_dataset(dataset_dir, cfg.data, cfg.evaluate.num_images)
+    test = _test_part(cfg, dataset_dir, (0, 1))
 
     total = num_test_images(dataset_dir, cfg.evaluate.num_images)
     progress = Progress("[evaluate]", total, "images", cfg.log.progress_percent, cfg.log.progress_after_seconds)
-    result = evaluate_batches(model, test_batches(ds, cfg.evaluate.batch_size, memory), cfg, progress)
+    result = evaluate_batches(model, test_batches(test, cfg.evaluate.batch_size, memory, device), cfg, progress)
     result["private_memory_mb"] = memory.grown_mb()
     return result
 

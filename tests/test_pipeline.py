@@ -30,6 +30,16 @@ def test_mix_batch_makes_soft_targets_that_sum_to_one():
     assert not all(np.array_equal(out["image"], outs[0]["image"]) for out in outs[1:])
 
 
+def test_mixed_targets_are_float32_whether_mixup_or_cutmix_draws_them():
+    """CutMix's label weight is the swapped area's ratio, a float64: its targets must still be float32
+    like MixUp's, or Ray Data fails to join two batches' blocks (it did: "divergent scalar types")."""
+    import numpy as np
+
+    batch = {"image": np.zeros((4, 3, 8, 8), dtype=np.uint8), "label": np.arange(4) % 3, "index": np.arange(4)}
+    for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0)):
+        assert mix_batch(batch, 3, mixup_alpha, cutmix_alpha, seed=0, epoch=0)["target"].dtype == np.float32
+
+
 def test_ray_data_pipelines_deliver_tensors_in_order(ray_local, data_root):
     cfg = load_config(QUICKSTART, [f"data.root={data_root}"])
     path = resolve_dataset(cfg.data)
@@ -83,8 +93,8 @@ def test_a_small_split_read_by_the_driver_gives_what_ray_data_reads(ray_local, d
     def datasets() -> list[dict]:
         train = train_dataset(path, cfg.data, finetune=True, seed=0, start_epoch=2, holdout=holdout)
         built = [train.take_batch(2000), train.take_batch(2000)]  # two epochs
-        built += [pipeline.validation_parts(path, cfg.data, holdout, workers)[rank].take_batch(2000)
-                  for rank, workers in ((0, 1), (1, 2))]
+        parts = [pipeline.validation_parts(path, cfg.data, holdout, workers)[rank] for rank, workers in ((0, 1), (1, 2))]
+        built += [part.rows if isinstance(part, pipeline.InMemoryRows) else part.take_batch(2000) for part in parts]
         built += [eval_dataset(path, cfg.data, 50, part=part).take_batch(2000) for part in ((0, 1), (2, 3))]
         return built
 
@@ -98,6 +108,43 @@ def test_a_small_split_read_by_the_driver_gives_what_ray_data_reads(ray_local, d
     for ours, theirs in zip(by_driver, by_ray_data):
         assert np.array_equal(ours["label"], theirs["label"]) and np.array_equal(ours["image"], theirs["image"])
     assert not np.array_equal(by_driver[0]["image"], by_driver[1]["image"])  # each epoch crops anew
+
+
+@pytest.mark.parametrize("stage, changes", [("pretrain", {}), ("finetune", {}), ("finetune", {"augment": "mix"}),
+                                           ("finetune", {"shuffle_buffer": 0})])
+def test_a_lone_worker_augments_a_small_split_itself_into_the_batches_ray_data_gives(ray_local, data_root, stage,
+                                                                                      changes):
+    """A one-worker stage on the digits gets its training epochs from the split in memory, augmented in
+    the worker (no Ray Data execution): to the byte and in order the batches of the Ray Data pipeline,
+    its seeded local shuffle buffer (or none) and MixUp / CutMix included; and the test split's rows
+    in memory batch as Ray Data's dataset of them does."""
+    from mimir.data import pipeline
+
+    cfg = load_config(QUICKSTART, [f"data.root={data_root}"])
+    data = cfg.data.model_copy(update=changes)
+    path = resolve_dataset(data)
+    finetune, batch = stage == "finetune", 32 if stage == "finetune" else 128
+    holdout = pipeline.holdout_indices(path, 150, seed=0) if finetune else None
+    kwargs = dict(finetune=finetune, seed=4, holdout=holdout, batch_size=batch)
+    local = pipeline.local_train_split(path, data, **kwargs)
+    assert local is not None
+    ray_data = train_dataset(path, data, start_epoch=2, **kwargs)  # a resumed run's: its first epoch is 2
+    epochs = {}
+    for epoch in (2, 3):
+        ours, theirs = (list(pipeline.epoch_batches(split, batch_size=batch, data=data, seed=4, epoch=epoch, rank=0))
+                        for split in (local, ray_data))
+        assert len(ours) == len(theirs) == (1347 - (150 if finetune else 0)) // batch
+        for a, b in zip(ours, theirs):
+            assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        epochs[epoch] = ours
+    assert not torch.equal(epochs[2][0]["image"], epochs[3][0]["image"])  # each epoch anew
+    if changes.get("augment") == "mix":
+        assert epochs[2][0]["target"].dtype == torch.float32
+    rows = pipeline.small_test_rows(path, data, 70, part=(1, 2))
+    dataset = eval_dataset(path, data, 70, part=(1, 2))
+    for a, b in zip(rows.iter_torch_batches(batch_size=16, device="cpu"), dataset.iter_torch_batches(batch_size=16)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert len(rows) == 35
 
 
 def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,11 @@ def random_crop(data: DataConfig, crop: str) -> T.Transform:
 
 
 def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, randaugment: bool, seed: int,
-                    holdout: np.ndarray | None = None, crop: str = "resized") -> Batch:
+                    holdout: np.ndarray | None = None, crop: str = "resized", epoch: int | None = None) -> Batch:
     """Drop held-out validation rows, then decode + the ``crop`` (:func:`random_crop`) + horizontal
     flip (+ RandAugment) per image, each image's draws seeded by its stored index
-    (:func:`mimir.seeding.stream_seed`), whichever block, task or node processes it."""
+    (:func:`mimir.seeding.stream_seed`), whichever block, task or node processes it, and by the
+    ``epoch`` (default: the Ray Data execution's, :func:`data_epoch`)."""
     if holdout is not None and len(holdout):
         keep = ~np.isin(batch["index"], holdout)
         batch = {key: value[keep] for key, value in batch.items()}
@@ -98,7 +100,7 @@ def train_transform(batch: Batch, manifest: dict[str, Any], data: DataConfig, ra
     if randaugment:
         ops.append(T.RandAugment(num_ops=2, magnitude=9))
     transform = T.Compose(ops)
-    epoch, images = data_epoch(), []
+    epoch, images = data_epoch() if epoch is None else epoch, []
     # torchvision draws from torch's global CPU generator; seeding it alone costs ~1 us, torch.manual_seed
     # (which also queues every accelerator's seed) ~75 us, a third of a digit's transform
     with torch.random.fork_rng(devices=[]):
@@ -126,12 +128,15 @@ def eval_transform(batch: Batch, manifest: dict[str, Any], img_size: int, crop_p
     return {"image": stacked, "label": batch["label"].astype(np.int64)}
 
 
-def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: float, seed: int) -> Batch:
+def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: float, seed: int,
+              epoch: int | None = None) -> Batch:
     """MixUp or CutMix (chosen 50/50 per batch) with the batch reversed as partner; adds ``target``.
-    The draws are seeded by the epoch and the batch's first row, so they repeat with the run."""
+    The draws are seeded by the epoch (default: the Ray Data execution's) and the batch's first row,
+    so they repeat with the run."""
     if len(batch["label"]) == 0:
         return {**batch, "target": np.zeros((0, num_classes), dtype=np.float32)}
-    rng = np.random.default_rng(stream_seed(seed, "mix", epoch=data_epoch(), row=int(batch["index"][0])))
+    epoch = data_epoch() if epoch is None else epoch
+    rng = np.random.default_rng(stream_seed(seed, "mix", epoch=epoch, row=int(batch["index"][0])))
     images = batch["image"].astype(np.float32)
     onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
@@ -148,7 +153,8 @@ def mix_batch(batch: Batch, num_classes: int, mixup_alpha: float, cutmix_alpha: 
     else:
         images = lam * images + (1 - lam) * partner
     return {"image": np.rint(images).clip(0, 255).astype(np.uint8), "label": batch["label"],
-            "index": batch["index"], "target": lam * onehot + (1 - lam) * onehot[::-1]}
+            # float32 either way (CutMix's area ratio is a float64): Ray Data cannot concatenate mixed types
+            "index": batch["index"], "target": (lam * onehot + (1 - lam) * onehot[::-1]).astype(np.float32)}
 
 
 CACHE_FRACTION = 0.25  # of the cluster's object store, for ``cache_in_memory: null``
@@ -190,6 +196,25 @@ def _per_epoch(seed: int, stream: str) -> ray.data.RandomSeedConfig:
     return ray.data.RandomSeedConfig(seed=stream_seed(seed, stream), reseed_after_execution=True)
 
 
+TRANSFORM_ROWS = 256  # rows per call of the training transform
+
+
+def _augment_kwargs(manifest: dict[str, Any], data: DataConfig, finetune: bool, seed: int,
+                    holdout: np.ndarray | None) -> dict[str, Any]:
+    return dict(manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug", seed=seed,
+                holdout=holdout, crop=data.finetune_crop if finetune else "resized")
+
+
+def mixes(data: DataConfig, finetune: bool) -> bool:
+    """Whether the training split gets MixUp / CutMix (:func:`mix_batch`)."""
+    return finetune and data.augment in ("mix", "randaug")
+
+
+def _mix_kwargs(manifest: dict[str, Any], data: DataConfig, seed: int) -> dict[str, Any]:
+    return dict(num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
+                seed=seed)
+
+
 def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0, start_epoch: int = 0,
                   holdout: np.ndarray | None = None, batch_size: int | None = None,
                   generated_dir: Path | None = None) -> ray.data.Dataset:
@@ -209,13 +234,10 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
     if generated_dir is not None and finetune:
         ds = _with_generated(ds, manifest, generated_dir, data.generated_fraction, data.cache_in_memory, seed)
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
-    ds = ds.map_batches(train_transform, batch_size=256, fn_kwargs=dict(
-        manifest=manifest, data=data, randaugment=finetune and data.augment == "randaug", seed=seed,
-        holdout=holdout, crop=data.finetune_crop if finetune else "resized"))
-    if finetune and data.augment in ("mix", "randaug"):
-        ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=dict(
-            num_classes=manifest["num_classes"], mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
-            seed=seed))
+    ds = ds.map_batches(train_transform, batch_size=TRANSFORM_ROWS,
+                        fn_kwargs=_augment_kwargs(manifest, data, finetune, seed, holdout))
+    if mixes(data, finetune):
+        ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=_mix_kwargs(manifest, data, seed))
     ray_private.start_executions_at(ds, start_epoch)  # see data_epoch
     ds.context.execution_options.preserve_order = True
     return ds
@@ -244,6 +266,80 @@ def _with_generated(real: ray.data.Dataset, manifest: dict[str, Any], generated_
     return real.union(generated).random_shuffle(seed=_per_epoch(seed, "mixed_order"))
 
 
+class InMemoryRows:
+    """Decoded rows a worker holds (a small split's), iterated as Ray Data iterates a dataset of
+    one block: the same batches from ``iter_torch_batches``, through Ray's own local shuffle buffer
+    when one is asked for, with no Ray Data execution behind them."""
+
+    def __init__(self, rows: Batch) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows["label"])
+
+    def iter_torch_batches(self, *, batch_size: int, device: torch.device | str, drop_last: bool = False,
+                           local_shuffle_buffer_size: int | None = None,
+                           local_shuffle_seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        if local_shuffle_buffer_size:
+            batches = ray_private.local_shuffle(self.rows, batch_size, local_shuffle_buffer_size, local_shuffle_seed,
+                                                drop_last)
+        else:
+            end = len(self) - len(self) % batch_size if drop_last else len(self)
+            batches = (_rows_between(self.rows, start, start + batch_size) for start in range(0, end, batch_size))
+        for batch in batches:
+            # copies: the held rows stay as they are whatever a step does to its batch in place
+            yield {key: torch.from_numpy(np.array(value)).to(device) for key, value in batch.items()}
+
+
+@dataclass(frozen=True)
+class LocalTrainSplit:
+    """A small training split that its lone worker augments itself: each epoch holds what
+    :func:`train_dataset` gives for that epoch (the same transform and seeds over the same rows in
+    the same order, then MixUp / CutMix as there), computed where the batches are used, so no Ray
+    Data execution (and no task process) runs for it. :func:`local_train_split` builds it."""
+
+    rows: Batch
+    manifest: dict[str, Any]
+    data: DataConfig
+    finetune: bool
+    seed: int
+    holdout: np.ndarray | None
+    batch_size: int | None
+
+    def epoch(self, epoch: int) -> InMemoryRows:
+        augment = _augment_kwargs(self.manifest, self.data, self.finetune, self.seed, self.holdout)
+        rows = _concatenated([train_transform(_rows_between(self.rows, start, start + TRANSFORM_ROWS), **augment,
+                                              epoch=epoch)
+                              for start in range(0, len(self.rows["label"]), TRANSFORM_ROWS)])
+        if mixes(self.data, self.finetune):
+            mix, size = _mix_kwargs(self.manifest, self.data, self.seed), self.batch_size
+            rows = _concatenated([mix_batch(_rows_between(rows, start, start + size), **mix, epoch=epoch)
+                                  for start in range(0, len(rows["label"]), size)])
+        return InMemoryRows(rows)
+
+
+def local_train_split(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: int = 0,
+                      holdout: np.ndarray | None = None, batch_size: int | None = None,
+                      generated_dir: Path | None = None) -> LocalTrainSplit | None:
+    """The training split as a :class:`LocalTrainSplit` for a stage of one worker, when it is a
+    :func:`small_split`, cached (not ``cache_in_memory: false``) and not mixed with generated data;
+    else None (:func:`train_dataset`)."""
+    if data.cache_in_memory is False or (finetune and generated_dir is not None):
+        return None
+    table = small_split(dataset_dir, "train")
+    if table is None:
+        return None
+    return LocalTrainSplit(_columns(table), load_manifest(dataset_dir), data, finetune, seed, holdout, batch_size)
+
+
+def _rows_between(rows: Batch, start: int, stop: int) -> Batch:
+    return {key: value[start:stop] for key, value in rows.items()}
+
+
+def _concatenated(parts: list[Batch]) -> Batch:
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
     """The validation split: ``images`` training rows (sorted stored indices), stratified (each
     class in proportion to its share of the split, largest remainders first) and seeded. Reads only
@@ -266,17 +362,19 @@ def holdout_indices(dataset_dir: Path, images: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def validation_parts(dataset_dir: Path, data: DataConfig, holdout: np.ndarray, workers: int) -> list[ray.data.Dataset]:
+def validation_parts(dataset_dir: Path, data: DataConfig, holdout: np.ndarray,
+                     workers: int) -> list[ray.data.Dataset] | list[InMemoryRows]:
     """The held-out training rows, decoded and resized as the test split is (no augmentation), read
     and decoded once (the rows lie all over the shards: a scan per validation, or per worker, would
-    read the whole training split each time), as one dataset per worker: worker k's part holds the
-    rows whose stored index is k modulo ``workers``, as in :func:`eval_dataset`."""
+    read the whole training split each time), as one part per worker: worker k's holds the rows
+    whose stored index is k modulo ``workers``, as in :func:`eval_dataset`. A :func:`small_split`'s
+    parts are decoded here and handed to the workers as :class:`InMemoryRows`; else Ray datasets."""
     manifest = load_manifest(dataset_dir)
     fn_kwargs = dict(manifest=manifest, img_size=data.img_size, crop_pct=data.eval_crop_pct, holdout=holdout)
     table = small_split(dataset_dir, "train")
     if table is not None:
         rows = _held_out(_columns(table), **fn_kwargs)
-        return [_in_object_store(_rows_of_part(rows, (k, workers))) for k in range(workers)]
+        return [InMemoryRows(_rows_of_part(rows, (k, workers))) for k in range(workers)]
     held = ray.data.read_parquet(split_files(dataset_dir, "train")).map_batches(
         _held_out, batch_size=256, fn_kwargs=fn_kwargs).materialize()
     if workers == 1:
@@ -302,11 +400,15 @@ def _in_object_store(batch: Batch) -> ray.data.Dataset:
 
 def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, epoch: int, rank: int,
                   device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of a worker's training batches: its shard through a local shuffle buffer of
-    ``data.shuffle_buffer`` rows, seeded by (seed, epoch, rank) so each epoch draws anew. The buffer
-    holds at least two batches: from a smaller one Ray's batcher yields short batches."""
+    """One epoch of a worker's training batches: its shard (or its :class:`LocalTrainSplit`'s
+    ``epoch``) through a local shuffle buffer of ``data.shuffle_buffer`` rows, seeded by (seed,
+    epoch, rank) so each epoch draws anew. The buffer holds at least two batches: from a smaller one
+    Ray's batcher yields short batches. Nothing runs until the first batch is asked for, so the
+    epoch's preparation counts as waiting for data (``data_seconds``)."""
+    if isinstance(shard, LocalTrainSplit):
+        shard = shard.epoch(epoch)
     buffer = max(data.shuffle_buffer, 2 * batch_size) if data.shuffle_buffer else None
-    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+    yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
                                     local_shuffle_buffer_size=buffer,
                                     local_shuffle_seed=stream_seed(seed, "shuffle", epoch=epoch, rank=rank)
                                     if buffer else None)
@@ -317,21 +419,30 @@ def part_name(split: str, rank: int) -> str:
     return f"{split}_{rank}"
 
 
+def small_test_rows(dataset_dir: Path, data: DataConfig, num_images: int | None = None,
+                    part: tuple[int, int] | None = None) -> InMemoryRows | None:
+    """What :func:`eval_dataset` holds, decoded here at once, when the test split is a
+    :func:`small_split`; else None."""
+    table = small_split(dataset_dir, "test")
+    if table is None:
+        return None
+    rows = _columns(table.slice(0, num_images))
+    if part is not None and part[1] > 1:
+        rows = _rows_of_part(rows, part)
+    return InMemoryRows(eval_transform(rows, load_manifest(dataset_dir), data.img_size, data.eval_crop_pct))
+
+
 def eval_dataset(dataset_dir: Path, data: DataConfig, num_images: int | None = None,
                  part: tuple[int, int] | None = None) -> ray.data.Dataset:
     """The test split, decoded and resized, in stored order (the first ``num_images`` when given).
     ``part=(k, n)``: only the rows whose stored index is k modulo n, worker k's fixed share of an
     evaluation spread over n (the same rows whichever worker asks first, unlike a streaming split;
     the dataset ``part_name("test", k)`` of a fine-tuning run that evaluates). A
-    :func:`small_split` is decoded by the caller, at once."""
+    :func:`small_split` is decoded by the caller, at once (:func:`small_test_rows`)."""
+    if (small := small_test_rows(dataset_dir, data, num_images, part)) is not None:
+        return _in_object_store(small.rows)
     manifest = load_manifest(dataset_dir)
     part = part if part is not None and part[1] > 1 else None
-    table = small_split(dataset_dir, "test")
-    if table is not None:
-        rows = _columns(table.slice(0, num_images))
-        if part is not None:
-            rows = _rows_of_part(rows, part)
-        return _in_object_store(eval_transform(rows, manifest, data.img_size, data.eval_crop_pct))
     ds = ray.data.read_parquet(split_files(dataset_dir, "test"))
     # in stored order, so "the first N" is the same N every run: set on this dataset's own context
     # (its derived datasets share it), never the process's, which later datasets would inherit

@@ -104,9 +104,17 @@ class _TimedBatches:
             self.seconds += time.perf_counter() - started
 
 
+def stage_data(config: dict[str, Any], name: str) -> Any:
+    """This worker's dataset ``name``: what the driver handed over in memory (``config["in_memory"]``:
+    a small split's :class:`~mimir.data.pipeline.LocalTrainSplit` or
+    :class:`~mimir.data.pipeline.InMemoryRows`), else its Ray Data shard."""
+    in_memory = config.get("in_memory", {})
+    return in_memory[name] if name in in_memory else ray.train.get_dataset_shard(name)
+
+
 def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, precision: Precision, steps_per_epoch: int, run_folder: str,
-                  step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
+                  shard: Any, step: Callable[[dict[str, torch.Tensor]], Metrics], extra_state: dict[str, Any],
                   probe: Callable[[dict[str, torch.Tensor]], Metrics] | None = None,
                   validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 1,
                   keep: str | None = None) -> Weights | None:
@@ -132,7 +140,6 @@ def _train_epochs(stage: str, cfg: RunConfig, optim_cfg: OptimConfig, model: tor
             start_epoch = load_state(directory)["epoch"] + 1
         if rank == 0:
             print(f"[{stage}] resuming from epoch {start_epoch} of {optim_cfg.epochs}", flush=True)
-    shard = ray.train.get_dataset_shard("train")
     local_batch = optim_cfg.batch_size // world
     epoch_log = MetricsLog(run_folder, start_epoch, Tracker.for_run(cfg, stage)) if rank == 0 else None
     progress = None
@@ -254,7 +261,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
         return {"mi_share": share}
 
     _train_epochs("pretrain", cfg, cfg.pretrain, model, optimizer, precision, config["steps_per_epoch"],
-                  config["run_folder"], step,
+                  config["run_folder"], stage_data(config, "train"), step,
                   {"pretrain_hash": cfg.pretrain_hash()}, probe=probe if penalty else None)
 
 
@@ -301,12 +308,12 @@ def finetune_worker(config: dict[str, Any]) -> None:
     validate = None
     if cfg.finetune.validation.images:
         rank = ray.train.get_context().get_world_rank()
-        validate = functools.partial(validation_accuracy, model, ray.train.get_dataset_shard(part_name("val", rank)),
-                                     cfg, device)
+        validate = functools.partial(validation_accuracy, model, stage_data(config, part_name("val", rank)), cfg,
+                                     device)
 
     evaluation = config.get("evaluation")  # the run's evaluation, done here where the weights are
     kept = _train_epochs("finetune", cfg, cfg.finetune, model, optimizer, precision, config["steps_per_epoch"],
-                         config["run_folder"], step,
+                         config["run_folder"], stage_data(config, "train"), step,
                          {"num_classes": config["num_classes"], "pretrained": pretrained and pretrained.path},
                          validate=validate, validate_every=cfg.finetune.validation.every,
                          keep=cfg.evaluate.checkpoint if evaluation else None)
@@ -314,13 +321,15 @@ def finetune_worker(config: dict[str, Any]) -> None:
         # trained and checkpointed: the evaluation's model and attacks take the memory these held
         optimizer.zero_grad(set_to_none=True)
         optimizer.state.clear()
-        evaluate_in_workers(cfg, config["num_classes"], kept, evaluation)
+        evaluate_in_workers(cfg, config["num_classes"], kept, evaluation,
+                            stage_data(config, part_name("test", ray.train.get_context().get_world_rank())))
 
 
-def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, evaluation: dict[str, Any]) -> None:
+def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, evaluation: dict[str, Any],
+                        test_part: Any) -> None:
     """The run's evaluation in the fine-tuning workers, on the weights the stage record will name
     (no process to start, no checkpoint to read back, and every training GPU shares the work): each
-    worker attacks its fixed share of the test split (dataset ``test_<rank>``) with its own seeded
+    worker attacks its fixed share of the test split (``test_part``, dataset ``test_<rank>``) with its own seeded
     random starts, the counts add up over the workers, and rank 0 writes the result to
     ``evaluation["path"]`` with the driver's ``evaluation["token"]``. One worker evaluates exactly
     what the evaluation task (:func:`mimir.trainers.run_evaluate`) would."""
@@ -331,8 +340,7 @@ def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, eval
     memory = PrivateMemoryPeak()
     model = classifier_from(cfg, num_classes, weights.state, device)
     torch.manual_seed(stream_seed(cfg.seed, "evaluate", rank=rank))  # the attacks' random starts
-    batches = test_batches(ray.train.get_dataset_shard(part_name("test", rank)), cfg.evaluate.batch_size, memory,
-                           device)
+    batches = test_batches(test_part, cfg.evaluate.batch_size, memory, device)
     progress = None
     if rank == 0:
         share = -(-int(evaluation["images"]) // world)
