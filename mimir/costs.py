@@ -266,13 +266,13 @@ def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> fl
 
 
 # Wall seconds a stage spends outside its computation on a local Ray (a TorchTrainer's controller and
-# worker processes starting, the first Ray Data execution, checkpoints, teardown), and each epoch's
+# worker processes starting, the first epoch's data, checkpoints, teardown), and each epoch's
 # wait for its data; the evaluation's outside its attacks (in the fine-tuning workers: the test
 # split's read, the model, the trainer's teardown). Measured on the quickstart on a 2-core machine
 # (docs/performance.md, "Stage start-up in a plan"); a cluster's are of the same order, small
 # against its epochs.
-STAGE_START_SECONDS = 14.0
-EPOCH_WAIT_SECONDS = 0.2
+STAGE_START_SECONDS = 10.0
+EPOCH_WAIT_SECONDS = 0.1
 EVALUATE_START_SECONDS = 1.0
 
 

@@ -2,7 +2,10 @@
 
 Decoding, RandomResizedCrop, flips, RandAugment and MixUp / CutMix run as Ray Data ``map_batches``
 stages (on any CPU in the cluster); a worker receives ``image`` (N, C, H, W) uint8, ``label`` (N,)
-int64 and, with MixUp / CutMix, ``target`` (N, num_classes) float32 soft labels.
+int64 and, with MixUp / CutMix, ``target`` (N, num_classes) float32 soft labels. A split small
+enough for the driver to read (:func:`small_split`) skips Ray Data where it can: a lone worker
+augments it itself (:class:`LocalTrainSplit`), and its validation and test rows are decoded once
+and handed over in memory (:class:`InMemoryRows`), batch for batch what Ray Data would give.
 """
 
 from __future__ import annotations
@@ -409,9 +412,9 @@ def epoch_batches(shard: Any, *, batch_size: int, data: DataConfig, seed: int, e
         shard = shard.epoch(epoch)
     buffer = max(data.shuffle_buffer, 2 * batch_size) if data.shuffle_buffer else None
     yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                    local_shuffle_buffer_size=buffer,
-                                    local_shuffle_seed=stream_seed(seed, "shuffle", epoch=epoch, rank=rank)
-                                    if buffer else None)
+                                        local_shuffle_buffer_size=buffer,
+                                        local_shuffle_seed=stream_seed(seed, "shuffle", epoch=epoch, rank=rank)
+                                        if buffer else None)
 
 
 def part_name(split: str, rank: int) -> str:
