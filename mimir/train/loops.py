@@ -329,8 +329,8 @@ def evaluate_in_workers(cfg: RunConfig, num_classes: int, weights: Weights, eval
                         test_part: Any) -> None:
     """The run's evaluation in the fine-tuning workers, on the weights the stage record will name
     (no process to start, no checkpoint to read back, and every training GPU shares the work): each
-    worker attacks its fixed share of the test split (``test_part``, dataset ``test_<rank>``) with its own seeded
-    random starts, the counts add up over the workers, and rank 0 writes the result to
+    worker attacks its fixed share of the test split (``test_part``, dataset ``test_<rank>``) with
+    its own seeded random starts, the counts add up over the workers, and rank 0 writes the result to
     ``evaluation["path"]`` with the driver's ``evaluation["token"]``. One worker evaluates exactly
     what the evaluation task (:func:`mimir.trainers.run_evaluate`) would."""
     ctx = ray.train.get_context()
