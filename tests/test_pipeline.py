@@ -141,10 +141,27 @@ def test_a_lone_worker_augments_a_small_split_itself_into_the_batches_ray_data_g
     if changes.get("augment") == "mix":
         assert epochs[2][0]["target"].dtype == torch.float32
     rows = pipeline.small_test_rows(path, data, 70, part=(1, 2))
-    dataset = eval_dataset(path, data, 70, part=(1, 2))
-    for a, b in zip(rows.iter_torch_batches(batch_size=16, device="cpu"), dataset.iter_torch_batches(batch_size=16)):
+    ours = list(rows.iter_torch_batches(batch_size=16, device="cpu"))
+    theirs = list(eval_dataset(path, data, 70, part=(1, 2)).iter_torch_batches(batch_size=16))
+    assert [len(b["label"]) for b in ours] == [len(b["label"]) for b in theirs] == [16, 16, 3]
+    for a, b in zip(ours, theirs):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    assert len(rows) == 35
+
+
+def test_a_one_worker_stage_on_the_digits_gets_its_data_in_memory(data_root):
+    """What makes the digits' stages skip Ray Data: with one worker the training split is a
+    LocalTrainSplit and the validation and test parts are rows in memory (the workers' config), never
+    Ray datasets; data.cache_in_memory=false asks for the Ray Data pipeline instead."""
+    from mimir.data import pipeline
+
+    cfg = load_config(QUICKSTART, [f"data.root={data_root}"])
+    path = resolve_dataset(cfg.data)
+    assert isinstance(trainers._training_split(cfg, path, finetune=False, start_epoch=0), pipeline.LocalTrainSplit)
+    assert isinstance(trainers._test_part(cfg, path, (0, 1)), pipeline.InMemoryRows)
+    holdout = pipeline.holdout_indices(path, 30, seed=0)
+    assert all(isinstance(part, pipeline.InMemoryRows) for part in pipeline.validation_parts(path, cfg.data, holdout, 2))
+    uncached = cfg.data.model_copy(update={"cache_in_memory": False})
+    assert pipeline.local_train_split(path, uncached, finetune=True, holdout=holdout, batch_size=32) is None
 
 
 def test_unfinished_run_needs_resume(ray_local, data_root, tmp_path):

@@ -208,7 +208,7 @@ def _augment_kwargs(manifest: dict[str, Any], data: DataConfig, finetune: bool, 
                 holdout=holdout, crop=data.finetune_crop if finetune else "resized")
 
 
-def mixes(data: DataConfig, finetune: bool) -> bool:
+def _mixes(data: DataConfig, finetune: bool) -> bool:
     """Whether the training split gets MixUp / CutMix (:func:`mix_batch`)."""
     return finetune and data.augment in ("mix", "randaug")
 
@@ -239,7 +239,7 @@ def train_dataset(dataset_dir: Path, data: DataConfig, *, finetune: bool, seed: 
     # plain tasks (not an actor pool): an uncached read fuses with the transform, and no CPU is held idle
     ds = ds.map_batches(train_transform, batch_size=TRANSFORM_ROWS,
                         fn_kwargs=_augment_kwargs(manifest, data, finetune, seed, holdout))
-    if mixes(data, finetune):
+    if _mixes(data, finetune):
         ds = ds.map_batches(mix_batch, batch_size=batch_size, fn_kwargs=_mix_kwargs(manifest, data, seed))
     ray_private.start_executions_at(ds, start_epoch)  # see data_epoch
     ds.context.execution_options.preserve_order = True
@@ -314,7 +314,7 @@ class LocalTrainSplit:
         rows = _concatenated([train_transform(_rows_between(self.rows, start, start + TRANSFORM_ROWS), **augment,
                                               epoch=epoch)
                               for start in range(0, len(self.rows["label"]), TRANSFORM_ROWS)])
-        if mixes(self.data, self.finetune):
+        if _mixes(self.data, self.finetune):
             mix, size = _mix_kwargs(self.manifest, self.data, self.seed), self.batch_size
             rows = _concatenated([mix_batch(_rows_between(rows, start, start + size), **mix, epoch=epoch)
                                   for start in range(0, len(rows["label"]), size)])
