@@ -18,6 +18,7 @@ from mimir.console import quiet_this_process, ray_process_env, verbose
 
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 LOCAL_POLL_SECONDS = 0.2  # how often Ray Train's controller polls its workers on a local Ray
+LOCAL_RAY_ENV = "MIMIR_LOCAL_RAY"  # "1" in every process of a Ray that this command started itself
 
 
 def quiet_ray_data() -> None:
@@ -41,9 +42,16 @@ def init_ray(num_cpus: int | None = None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces the caller's with sys.exit
 
 
+def on_local_ray() -> bool:
+    """Whether this process belongs to a local Ray a mimir command started (in its driver, a Tune
+    trial or a worker): one that ends with that command, placement groups and all."""
+    return os.environ.get(LOCAL_RAY_ENV) == "1"
+
+
 def _init(num_cpus: int | None) -> None:
     quiet_ray_data()
     local = not os.environ.get("RAY_ADDRESS")
+    os.environ[LOCAL_RAY_ENV] = "1" if local else "0"
     if not verbose():
         quiet_this_process()
         ray_private.drop_worker_log_prefix()  # the console shows mimir's lines as mimir printed them
@@ -51,7 +59,8 @@ def _init(num_cpus: int | None) -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # -v in a log file: Ray's prefixes without colour codes
     # workers print their epoch lines straight to stdout: Ray Train's print patch would route them
     # through its logger, which shows every line twice
-    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **ray_process_env(local)}
+    env_vars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                LOCAL_RAY_ENV: os.environ[LOCAL_RAY_ENV], **ray_process_env(local)}
     if local:
         # Ray Train's controller polls its workers every 2 s (sized for clusters); a stage waits on
         # those polls to start, to see its workers finish and to stop: an empty TorchTrainer took
@@ -63,9 +72,10 @@ def _init(num_cpus: int | None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
-        # polls; without it the cleaner logs a warning every few seconds for the rest of the run.
-        # The cleaner asks for "the" Ray of this machine, which fails (a traceback every stage)
-        # where two local Rays run, e.g. two mimir runs side by side: its processes are told ours.
+        # and state tracking poll (a local Ray's trainers have no cleaner, ray_private.LocalTorchTrainer,
+        # but a user may turn the tracking on). They ask for "the" Ray of this machine, which fails
+        # (a traceback every stage) where two local Rays run, e.g. two mimir runs side by side:
+        # its processes are told ours.
         port = free_port()
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # A Ray Train run keeps more actors alive than a laptop has CPUs, so Ray would kill every

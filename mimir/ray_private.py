@@ -14,6 +14,8 @@ logging config) and ``tests/test_pipeline.py`` (the shuffle buffer) fail first.
 - Ray Data's local shuffle buffer (``ShufflingBatcher``), which a lone worker runs over a small
   split it augments itself, so that its batches are those Ray Data would give.
 - The raylet's idle-worker timeout (a ``_system_config`` key of ``ray.init``).
+- Ray Train's default controller callbacks (``DataParallelTrainer._create_default_callbacks``), from
+  which a local Ray's trainers drop the placement-group cleaner (:class:`LocalTorchTrainer`).
 - The "(RayTrainWorker pid=N)" prefix on worker lines the driver prints: Ray reads its switch
   (``RAY_DISABLE_WORKER_LOG_PREFIX``) from the environment once, when ``ray`` is imported.
 """
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
+import ray.train.torch
 
 
 def data_epoch() -> int:
@@ -76,3 +79,17 @@ def local_shuffle(rows: dict[str, Any], batch_size: int, buffer_rows: int, seed:
     batcher.done_adding()
     while batcher.has_batch() or (batcher.has_any() and not drop_last):
         yield BlockAccessor.for_block(batcher.next_batch()).to_batch_format("numpy")
+
+
+class LocalTorchTrainer(ray.train.torch.TorchTrainer):
+    """A ``TorchTrainer`` for a Ray that lives and dies with this process: without Ray Train's
+    placement-group cleaner, a detached actor that frees a stage's placement group should its
+    controller die without doing it itself. Its process starts with every stage, and the controller
+    waits for it before training (1.4 s of an empty trainer's 7.0 s on 2 cores); a local Ray's
+    placement groups end with the process that started it."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        return [callback for callback in super()._create_default_callbacks()
+                if not isinstance(callback, PlacementGroupCleanerCallback)]

@@ -18,6 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from mimir import ray_private
 from mimir.config import RunConfig
 from mimir.console import Progress
 from mimir.data.format import load_manifest
@@ -26,7 +27,7 @@ from mimir.data.pipeline import (eval_dataset, holdout_indices, local_train_spli
 from mimir.errors import named_cause
 from mimir.evaluation import evaluate_batches, load_classifier, test_batches
 from mimir.memory import PrivateMemoryPeak
-from mimir.ray_env import quiet_ray_data
+from mimir.ray_env import on_local_ray, quiet_ray_data
 from mimir.seeding import stream_seed
 from mimir.stages import (_join, _write_stage_record, check_stage, read_stage_record, resume_epoch,
                           stage_checkpoint, storage_root)
@@ -63,7 +64,8 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
                    if scored else ray.train.CheckpointConfig(num_to_keep=2))
     first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
     in_memory = {key: data for key, data in first.items() if not isinstance(data, ray.data.Dataset)}
-    trainer = ray.train.torch.TorchTrainer(
+    trainer_class = ray_private.LocalTorchTrainer if on_local_ray() else ray.train.torch.TorchTrainer
+    trainer = trainer_class(
         loop,
         train_loop_config={**loop_config, "run_folder": _join(storage, name), "in_memory": in_memory},
         scaling_config=_scaling(cfg),

@@ -4,10 +4,13 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mimir import console
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def test_ray_data_in_a_ray_process_keeps_warnings_and_drops_the_notices(tmp_path):
@@ -134,3 +137,45 @@ def test_the_local_rays_processes_ask_this_ray_for_its_state_not_any_ray_on_the_
 
     told, asked, actors = ray_local.get(state_api.remote())
     assert told == asked == f"http://{webui}" and told.startswith("http://127.0.0.1:") and actors >= 0
+
+
+def test_a_local_rays_trainers_leave_out_only_the_placement_group_cleaner():
+    """Ray Train's placement-group cleaner (a detached actor per stage, which the controller waits for
+    before training) guards a cluster against a controller dying with its placement group reserved;
+    a local Ray ends with its command, so its trainers drop that callback and keep every other."""
+    import ray.train
+    import ray.train.torch
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from mimir.ray_private import LocalTorchTrainer
+
+    def callbacks(trainer_class: type) -> list[type]:
+        trainer = trainer_class(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return [type(callback) for callback in trainer._create_default_callbacks()]
+
+    ray_trains = callbacks(ray.train.torch.TorchTrainer)
+    assert PlacementGroupCleanerCallback in ray_trains
+    assert callbacks(LocalTorchTrainer) == [c for c in ray_trains if c is not PlacementGroupCleanerCallback]
+
+
+def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, data_root, tmp_path):
+    """Every process of the local Ray knows it is one (the trainers are created in the driver or a
+    Tune trial), and a real stage there runs its controller without a cleaner actor."""
+    from ray.util.state import list_actors
+
+    from conftest import quick_overrides
+    from mimir import trainers
+    from mimir.config import load_config
+    from mimir.ray_env import LOCAL_RAY_ENV, on_local_ray
+
+    @ray_local.remote(num_cpus=0)
+    def local() -> str | None:
+        import os
+
+        return os.environ.get(LOCAL_RAY_ENV)
+
+    assert on_local_ray() and ray_local.get(local.remote()) == "1"
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root, pretrain_epochs=1))
+    trainers.run_pretrain(cfg)
+    assert list_actors(filters=[("class_name", "=", "TrainController")])
+    assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")])
