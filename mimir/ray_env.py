@@ -71,11 +71,11 @@ def _init(num_cpus: int | None) -> None:
     if not local:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner
-        # and state tracking poll (a local Ray's trainers have no cleaner, ray_private.LocalTorchTrainer,
-        # but a user may turn the tracking on). They ask for "the" Ray of this machine, which fails
-        # (a traceback every stage) where two local Rays run, e.g. two mimir runs side by side:
-        # its processes are told ours.
+        # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner and
+        # state tracking poll (a local Ray's trainers have no cleaner: ray_private.local_torch_trainer;
+        # a user may turn the tracking on). They ask for "the" Ray of this machine, which fails (a
+        # traceback every stage) where two local Rays run, e.g. two mimir runs side by side: its
+        # processes are told ours.
         port = free_port()
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # A Ray Train run keeps more actors alive than a laptop has CPUs, so Ray would kill every

@@ -15,7 +15,7 @@ logging config) and ``tests/test_pipeline.py`` (the shuffle buffer) fail first.
   split it augments itself, so that its batches are those Ray Data would give.
 - The raylet's idle-worker timeout (a ``_system_config`` key of ``ray.init``).
 - Ray Train's default controller callbacks (``DataParallelTrainer._create_default_callbacks``), from
-  which a local Ray's trainers drop the placement-group cleaner (:class:`LocalTorchTrainer`).
+  which a local Ray's trainers drop the placement-group cleaner (:func:`local_torch_trainer`).
 - The "(RayTrainWorker pid=N)" prefix on worker lines the driver prints: Ray reads its switch
   (``RAY_DISABLE_WORKER_LOG_PREFIX``) from the environment once, when ``ray`` is imported.
 """
@@ -23,11 +23,11 @@ logging config) and ``tests/test_pipeline.py`` (the shuffle buffer) fail first.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import ray
-import ray.train.torch
 
 
 def data_epoch() -> int:
@@ -81,15 +81,20 @@ def local_shuffle(rows: dict[str, Any], batch_size: int, buffer_rows: int, seed:
         yield BlockAccessor.for_block(batcher.next_batch()).to_batch_format("numpy")
 
 
-class LocalTorchTrainer(ray.train.torch.TorchTrainer):
-    """A ``TorchTrainer`` for a Ray that lives and dies with this process: without Ray Train's
+@functools.cache
+def local_torch_trainer() -> type:
+    """The ``TorchTrainer`` for a Ray that lives and dies with this process: without Ray Train's
     placement-group cleaner, a detached actor that frees a stage's placement group should its
     controller die without doing it itself. Its process starts with every stage, and the controller
     waits for it before training (1.4 s of an empty trainer's 7.0 s on 2 cores); a local Ray's
-    placement groups end with the process that started it."""
+    placement groups end with the process that started it. (Built on first use: Ray Train's torch
+    module imports torch, which this module's other users may not need.)"""
+    import ray.train.torch
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    def _create_default_callbacks(self) -> list[Any]:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    class LocalTorchTrainer(ray.train.torch.TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
 
-        return [callback for callback in super()._create_default_callbacks()
-                if not isinstance(callback, PlacementGroupCleanerCallback)]
+    return LocalTorchTrainer

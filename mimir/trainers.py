@@ -64,7 +64,7 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
                    if scored else ray.train.CheckpointConfig(num_to_keep=2))
     first = datasets(resume_epoch(storage, name))  # built here too, so a bad dataset fails before training
     in_memory = {key: data for key, data in first.items() if not isinstance(data, ray.data.Dataset)}
-    trainer_class = ray_private.LocalTorchTrainer if on_local_ray() else ray.train.torch.TorchTrainer
+    trainer_class = ray_private.local_torch_trainer() if on_local_ray() else ray.train.torch.TorchTrainer
     trainer = trainer_class(
         loop,
         train_loop_config={**loop_config, "run_folder": _join(storage, name), "in_memory": in_memory},

@@ -147,7 +147,7 @@ def test_a_local_rays_trainers_leave_out_only_the_placement_group_cleaner():
     import ray.train.torch
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from mimir.ray_private import LocalTorchTrainer
+    from mimir.ray_private import local_torch_trainer
 
     def callbacks(trainer_class: type) -> list[type]:
         trainer = trainer_class(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
@@ -155,7 +155,7 @@ def test_a_local_rays_trainers_leave_out_only_the_placement_group_cleaner():
 
     ray_trains = callbacks(ray.train.torch.TorchTrainer)
     assert PlacementGroupCleanerCallback in ray_trains
-    assert callbacks(LocalTorchTrainer) == [c for c in ray_trains if c is not PlacementGroupCleanerCallback]
+    assert callbacks(local_torch_trainer()) == [c for c in ray_trains if c is not PlacementGroupCleanerCallback]
 
 
 def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, data_root, tmp_path):
