@@ -63,8 +63,8 @@ def _init(num_cpus: int | None) -> None:
                 LOCAL_RAY_ENV: os.environ[LOCAL_RAY_ENV], **ray_process_env(local)}
     if local:
         # Ray Train's controller polls its workers every 2 s (sized for clusters); a stage waits on
-        # those polls to start, to see its workers finish and to stop: an empty TorchTrainer took
-        # 12.1 s here, 8.2 s polling every 0.2 s
+        # those polls to start, to see its workers finish and to stop: an empty trainer took 8.3-8.8 s
+        # on 2 cores, 4.5-4.8 s polling every 0.2 s (docs/performance.md)
         env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(LOCAL_POLL_SECONDS)
     kwargs: dict[str, Any] = dict(logging_level=logging.INFO if verbose() else logging.WARNING, log_to_driver=True,
                                   runtime_env={"env_vars": env_vars})

@@ -54,8 +54,8 @@ def _fit(stage: str, cfg: RunConfig, storage: str, name: str, loop: Any, loop_co
     Ray Train calls it whenever it starts the workers, at the first start and after every restart,
     so the data continues at the epoch the weights continue from (rows in memory are indexed by
     epoch in the worker). Several workers split "train" between them; every other dataset is one
-    worker's fixed part (``val_<rank>``, ``test_<rank>``). ``scored``: keep the checkpoint with the best
-    ``checkpoint_score`` beside the latest; the stage record names it ``best_checkpoint``."""
+    worker's fixed part (``val_<rank>``, ``test_<rank>``). ``scored``: keep the checkpoint with the
+    best ``checkpoint_score`` beside the latest; the stage record names it ``best_checkpoint``."""
     if check_stage(stage, cfg, storage, name, resume):
         print(f"[{stage}] already finished in {_join(storage, name)}; reusing its checkpoint", flush=True)
         return stage_checkpoint(storage, read_stage_record(storage, name))
