@@ -158,6 +158,34 @@ def test_a_local_rays_trainers_leave_out_only_the_placement_group_cleaner():
     assert callbacks(local_torch_trainer()) == [c for c in ray_trains if c is not PlacementGroupCleanerCallback]
 
 
+def test_a_local_rays_trainer_gives_its_controller_nothing_that_imports_torch(tmp_path):
+    """Ray Train's controller unpickles its run context and callbacks before it starts a worker; with
+    Ray's ``TorchConfig`` among them it imports torch first (about a second of each stage's start on
+    2 cores). A local Ray's trainer hands it a backend config from a module without torch."""
+    import ray.cloudpickle
+    import ray.train
+    import ray.train.torch
+
+    from mimir.ray_private import ProcessGroupConfig, local_torch_trainer
+
+    def controller_imports_torch(trainer_class: type) -> bool:
+        trainer = trainer_class(lambda: None, train_loop_config={"run_folder": str(tmp_path)},
+                                scaling_config=ray.train.ScalingConfig(num_workers=2),
+                                run_config=ray.train.RunConfig(name="stage", storage_path=str(tmp_path)))
+        handed = tmp_path / f"{trainer_class.__name__}.pkl"
+        handed.write_bytes(ray.cloudpickle.dumps((trainer.train_run_context, trainer._create_default_callbacks())))
+        code = "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); print('torch' in sys.modules)"
+        result = subprocess.run([sys.executable, "-c", code, str(handed)], capture_output=True, text=True, check=True)
+        return result.stdout.strip() == "True"
+
+    assert controller_imports_torch(ray.train.torch.TorchTrainer)
+    assert not controller_imports_torch(local_torch_trainer())
+    # the rest of TorchConfig's interface: its context manager in the workers, torch as the framework
+    config = ProcessGroupConfig()
+    assert config.train_func_context is ray.train.torch.TorchConfig().train_func_context
+    assert config.framework == ray.train.torch.TorchConfig().framework
+
+
 def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, data_root, tmp_path):
     """Every process of the local Ray knows it is one (the trainers are created in the driver or a
     Tune trial), and a real stage there runs its controller without a cleaner actor."""
