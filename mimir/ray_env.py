@@ -19,6 +19,7 @@ from mimir.console import quiet_this_process, ray_process_env, verbose
 IDLE_WORKER_MS = 300_000  # how long the local Ray keeps an idle worker process
 LOCAL_POLL_SECONDS = 0.2  # how often Ray Train's controller polls its workers on a local Ray
 LOCAL_RAY_ENV = "MIMIR_LOCAL_RAY"  # "1" in every process of a Ray that this command started itself
+_local_gcs_address: str | None = None  # of the local Ray this process started, while it runs
 
 
 def quiet_ray_data() -> None:
@@ -44,11 +45,17 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def on_local_ray() -> bool:
     """Whether this process belongs to a local Ray a mimir command started (in its driver, a Tune
-    trial or a worker): one that ends with that command, placement groups and all."""
-    return os.environ.get(LOCAL_RAY_ENV) == "1"
+    trial or a worker): one that ends with that command, placement groups and all. In the driver that
+    started it, only while it is that Ray it is connected to: ``LOCAL_RAY_ENV`` outlives a
+    ``ray.shutdown()``, after which the caller may join a cluster with its own ``ray.init``."""
+    if os.environ.get(LOCAL_RAY_ENV) != "1":
+        return False
+    return _local_gcs_address is None or (
+        ray.is_initialized() and ray.get_runtime_context().gcs_address == _local_gcs_address)
 
 
 def _init(num_cpus: int | None) -> None:
+    global _local_gcs_address
     quiet_ray_data()
     local = not os.environ.get("RAY_ADDRESS")
     os.environ[LOCAL_RAY_ENV] = "1" if local else "0"
@@ -69,6 +76,7 @@ def _init(num_cpus: int | None) -> None:
     kwargs: dict[str, Any] = dict(logging_level=logging.INFO if verbose() else logging.WARNING, log_to_driver=True,
                                   runtime_env={"env_vars": env_vars})
     if not local:
+        _local_gcs_address = None
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # with the dashboard (on 127.0.0.1), whose State API Ray Train's placement-group cleaner and
@@ -82,6 +90,7 @@ def _init(num_cpus: int | None) -> None:
         # idle worker after 1 s and each epoch's Ray Data tasks would start a fresh process (seconds
         # of importing torch); kept for minutes, the next epoch, stage and trial reuse them
         ray_private.init_local_ray(IDLE_WORKER_MS, num_cpus=num_cpus, dashboard_port=port, **kwargs)
+        _local_gcs_address = ray.get_runtime_context().gcs_address
 
 
 def free_port() -> int:

@@ -186,9 +186,27 @@ def test_a_local_rays_trainer_gives_its_controller_nothing_that_imports_torch(tm
     assert config.framework == ray.train.torch.TorchConfig().framework
 
 
+def test_a_driver_whose_local_ray_has_shut_down_is_no_longer_on_it(monkeypatch):
+    """``MIMIR_LOCAL_RAY`` outlives ``ray.shutdown()``; a caller that then joins a cluster with its own
+    ``ray.init`` must get the cluster's trainers (placement-group cleaner and all). Processes that Ray
+    started (Tune trials, workers) go by the variable alone: they live and die with their Ray."""
+    from mimir import ray_env
+
+    monkeypatch.setenv(ray_env.LOCAL_RAY_ENV, "1")
+    monkeypatch.setattr(ray_env, "_local_gcs_address", None)
+    assert ray_env.on_local_ray()
+    monkeypatch.setattr(ray_env, "_local_gcs_address", "127.0.0.1:1")  # a Ray this process started, now gone
+    assert not ray_env.on_local_ray()
+    monkeypatch.setenv(ray_env.LOCAL_RAY_ENV, "0")
+    monkeypatch.setattr(ray_env, "_local_gcs_address", None)
+    assert not ray_env.on_local_ray()
+
+
 def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, data_root, tmp_path):
     """Every process of the local Ray knows it is one (the trainers are created in the driver or a
-    Tune trial), and a real stage there runs its controller without a cleaner actor."""
+    Tune trial), and a real stage there runs its controller without a cleaner actor, and without
+    importing torch or mimir: the loop's config (the digits in memory among it) never reaches it."""
+    import ray.train
     from ray.util.state import list_actors
 
     from conftest import quick_overrides
@@ -203,7 +221,18 @@ def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, d
         return os.environ.get(LOCAL_RAY_ENV)
 
     assert on_local_ray() and ray_local.get(local.remote()) == "1"
+    seen = tmp_path / "controller_modules.json"
+
+    class ControllerModules(ray.train.UserCallback):  # runs in the controller
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            import sys
+
+            seen.write_text(json.dumps(sorted(name for name in sys.modules
+                                              if name.split(".")[0] in ("torch", "mimir"))))
+
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, data_root, pretrain_epochs=1))
-    trainers.run_pretrain(cfg)
+    trainers.run_pretrain(cfg, callbacks=[ControllerModules()])
+    controller_has = json.loads(seen.read_text())
+    assert "torch" not in controller_has and not [name for name in controller_has if name.startswith("mimir.data")]
     assert list_actors(filters=[("class_name", "=", "TrainController")])
     assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")])
