@@ -271,7 +271,7 @@ def surface_seconds(cfg: RunConfig, settings: Any, device: Device = PAPER) -> fl
 # split's read, the model, the trainer's teardown). Measured on the quickstart on a 2-core machine
 # (docs/performance.md, "Stage start-up in a plan"); a cluster's are of the same order, small
 # against its epochs.
-STAGE_START_SECONDS = 10.0
+STAGE_START_SECONDS = 7.0
 EPOCH_WAIT_SECONDS = 0.1
 EVALUATE_START_SECONDS = 1.0
 
