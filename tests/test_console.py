@@ -205,7 +205,8 @@ def test_a_driver_whose_local_ray_has_shut_down_is_no_longer_on_it(monkeypatch):
 def test_a_stage_on_the_local_ray_starts_no_placement_group_cleaner(ray_local, data_root, tmp_path):
     """Every process of the local Ray knows it is one (the trainers are created in the driver or a
     Tune trial), and a real stage there runs its controller without a cleaner actor, and without
-    importing torch or mimir: the loop's config (the digits in memory among it) never reaches it."""
+    importing torch or mimir's data classes: the loop's config (the digits in memory among it) never
+    reaches it."""
     import ray.train
     from ray.util.state import list_actors
 
