@@ -116,7 +116,7 @@ def local_torch_trainer() -> type:
 class ProcessGroupConfig(BackendConfig):
     """Ray Train's ``TorchConfig`` (gloo on CPUs, NCCL on GPUs, ``env://``, its default timeout) for a
     controller that never imports torch. ``TorchConfig`` lives in a module that imports torch, and
-    the controller unpickles it before it starts a worker: 0.9-1.3 s of every stage's start on
+    the controller unpickles it before it starts a worker: about a second of every stage's start on
     2 cores. Here the controller holds this class, and torch is imported in the workers only, by Ray's
     own process-group functions (:class:`_ProcessGroupBackend`)."""
 
