@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which fine-tuning checkpoint (default: the one evaluation uses, evaluate.checkpoint)")
     export.set_defaults(handler="mimir.export:main")
 
-    runs = sub.add_parser("runs", help="the runs under a folder: status, stages done, accuracies, wall time")
+    runs = sub.add_parser("runs", help="the runs under a folder: status, stages done, accuracies, how far "
+                                       "validation moved over the last quarter, wall time")
     runs.add_argument("folder", help="a folder holding run folders (results/, a sweep's experiment folder)")
     runs.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     runs.add_argument("--fixed-costs", action="store_true",

@@ -2,9 +2,9 @@
 where each stage's wall time went besides its computation), ``mimir compare RUN RUN ...`` shows the
 config fields in which runs differ and their results side by side.
 
-A run is a folder with the ``config.json`` that ``mimir run`` (or a stage command, or a sweep trial)
-writes first; ``results.json`` appears when it finished, ``failed.json`` when it diverged. Reads
-those files only: no Ray, no torch.
+A run is a folder with the ``config.json`` that ``mimir run`` (or a stage command) writes first, or
+a sweep trial's folder (one seed's run of it), whose ``results.json`` holds its config; ``results.json``
+appears when a run finished, ``failed.json`` when it diverged. Reads those files only: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -18,22 +18,49 @@ from typing import Any
 from mimir.config import FAILED, PRETRAIN_CACHE, STAGE_RECORD, STAGES, TRIALS, flatten
 
 
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_config(folder: Path) -> dict[str, Any] | None:
+    """A run folder's config: its ``config.json``, else (a sweep trial's run) the one its
+    ``results.json`` records; None for any other folder, a multi-seed trial's summary included (its
+    seeds' runs are the runs)."""
+    config = _read(folder / "config.json")
+    if config is not None:
+        return config
+    results = _read(folder / "results.json")
+    return results["config"] if results and "config" in results and "runs" not in results else None
+
+
 def find_runs(root: str | Path) -> list[Path]:
     """Every run folder under ``root`` (``root`` itself included), in path order."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    return sorted(p.parent for p in root.rglob("config.json") if not p.parent.name.startswith("."))
+    folders = {p.parent for name in ("config.json", "results.json") for p in root.rglob(name)}
+    return sorted(f for f in folders if not f.name.startswith(".") and run_config(f) is not None)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def validation_moved(history: list[dict[str, Any]], epochs: int) -> float | None:
+    """How far validation PGD accuracy moved (its max less its min, in points) over the last quarter
+    of fine-tuning: from the model at the quarter's start (the last validation after at most 3/4 of
+    ``epochs``) to the end. None without two such validations. Less than a couple of points (a few
+    images of the validation split) says the fine-tuning converged."""
+    scores = {row["epoch"] + 1: row["val_pgd"] for row in history if "val_pgd" in row}  # a resumed epoch's last
+    start = max((done for done in scores if done <= 0.75 * epochs), default=None)
+    quarter = [score for done, score in scores.items() if start is not None and done >= start]
+    return max(quarter) - min(quarter) if len(quarter) > 1 else None
 
 
 def run_summary(folder: Path, root: Path | None = None) -> dict[str, Any]:
     """Name, status (finished, failed, unfinished), stages done, natural and robust accuracy (the
-    first attack after natural), the number of test images and wall time of one run folder."""
+    first attack after natural), the number of test images, how far validation PGD accuracy moved
+    over the last quarter of fine-tuning (:func:`validation_moved`) and wall time of one run folder."""
     results, failed = _read(folder / "results.json"), _read(folder / FAILED)
+    config = run_config(folder) or {}
+    finetune = stage_folder(folder, config, results or {}, "finetune")
+    epochs = (config.get("finetune") or {}).get("epochs")
     done = [s for s in STAGES if (folder / s / STAGE_RECORD).is_file()]
     if results is not None:
         done = [s for s in STAGES if results.get(s) is not None or (s == "evaluate" and "accuracy" in results)]
@@ -43,6 +70,7 @@ def run_summary(folder: Path, root: Path | None = None) -> dict[str, Any]:
             "status": "finished" if results else "failed" if failed else "unfinished",
             "stages": done, "natural": accuracy.get("natural"), "robust": robust and accuracy[robust],
             "attack": robust, "images": (results or {}).get("num_images"),
+            "val_moved": validation_moved(_history(finetune), epochs) if finetune and epochs else None,
             "seconds": sum((results or {}).get("seconds", {}).values()) or None,
             "reason": (failed or {}).get("reason")}
 
@@ -75,7 +103,7 @@ def runs_table(root: str | Path, fmt: str = "markdown") -> str:
     summaries = [run_summary(folder, root) for folder in find_runs(root)]
     if not summaries:
         raise FileNotFoundError(f"no runs under {root} (a run folder holds the config.json mimir writes)")
-    header = ["run", "status", "stages", "natural", "robust", "attack", "images", "seconds"]
+    header = ["run", "status", "stages", "natural", "robust", "attack", "images", "val_moved", "seconds"]
     return _render(header, [[s[k] for k in header] for s in summaries], fmt)
 
 
@@ -85,9 +113,9 @@ def compare_table(folders: list[str | Path], fmt: str = "markdown") -> str:
     paths = [Path(f) for f in folders]
     configs = []
     for path in paths:
-        config = _read(path / "config.json")
+        config = run_config(path)
         if config is None:
-            raise FileNotFoundError(f"{path} is not a run folder (no config.json)")
+            raise FileNotFoundError(f"{path} is not a run folder (no config.json, nor a results.json with a config)")
         configs.append(flatten(config))
     keys = sorted(set().union(*configs))
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
@@ -179,17 +207,13 @@ COST_COLUMNS = ("wall", "computation", "fixed", "start", "first_batch", "data_wa
 
 def fixed_costs_rows(root: str | Path) -> list[list[Any]]:
     """A row per finished stage of every run under the folder, and one per whole run (stage ``run``):
-    the folders whose ``results.json`` records stage times (a ``mimir run``; a sweep trial, which has
-    no ``config.json``, or each seed's run of one)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
+    the runs whose ``results.json`` records stage times."""
     rows = []
-    for run in sorted(p.parent for p in root.rglob("results.json") if not p.parent.name.startswith(".")):
+    for run in find_runs(root):
         results = _read(run / "results.json")
-        if results is None or "stage_times" not in results:  # a multi-seed trial's summary: its seeds' runs count
+        if results is None or "stage_times" not in results:
             continue
-        config = _read(run / "config.json") or results.get("config") or {}  # a sweep trial has no config.json
+        config = run_config(run) or {}
         name = str(run.relative_to(root)) if run != root else str(run)
         stage_costs = {stage: costs for stage in STAGES
                        if (costs := stage_fixed_costs(results, stage_folder(run, config, results, stage), stage))}

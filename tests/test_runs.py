@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mimir.cli import main
-from mimir.runs import fixed_costs_table
+from mimir.runs import fixed_costs_table, validation_moved
 
 
 def _run(folder, config, results=None, failed=None, stages=()):
@@ -26,9 +26,18 @@ RESULTS = {"accuracy": {"natural": 98.6667, "pgd20": 86.8889}, "num_images": 450
            "seconds": {"pretrain": 119.0, "finetune": 222.0, "evaluate": 26.0}}
 
 
+def _validations(folder, scores):
+    """A fine-tuning history with validation PGD accuracy ``scores`` ({epochs done: %})."""
+    (folder / "finetune").mkdir(exist_ok=True)
+    (folder / "finetune" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": done - 1, "val_pgd": score}) + "\n" for done, score in scores.items()))
+
+
 @pytest.fixture
 def results_folder(tmp_path):
     _run(tmp_path / "quickstart", CONFIG, RESULTS)
+    # 25 epochs, validated every 3: the last quarter runs from the validation after epoch 18 (<= 18.75)
+    _validations(tmp_path / "quickstart", {15: 70.0, 18: 84.0, 21: 86.0, 24: 85.5, 25: 85.0})
     _run(tmp_path / "lr", {**CONFIG, "finetune": {"blr": 0.01, "epochs": 25}},
          {**RESULTS, "accuracy": {"natural": 97.0, "pgd20": 84.5}})
     _run(tmp_path / "sweeps" / "t" / "trials" / "a" / "seed-1", {**CONFIG, "seed": 1}, stages=("pretrain",))
@@ -39,15 +48,45 @@ def results_folder(tmp_path):
 def test_runs_lists_every_run_under_a_folder_with_its_status_and_accuracies(results_folder, capsys):
     assert main(["runs", str(results_folder)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "| run | status | stages | natural | robust | attack | images | seconds |"
-    assert "| quickstart | finished | pretrain, finetune, evaluate | 98.67 | 86.89 | pgd20 | 450 | 367.00 |" in table
-    assert "| sweeps/t/trials/a/seed-1 | unfinished | pretrain | — | — | — | — | — |" in table
-    assert "| diverged | failed | — | — | — | — | — | — |" in table
+    assert table[0] == "| run | status | stages | natural | robust | attack | images | val_moved | seconds |"
+    # validation PGD over the last quarter: 84.0 (epoch 18), 86.0, 85.5, 85.0 -> moved 2 points
+    assert ("| quickstart | finished | pretrain, finetune, evaluate | 98.67 | 86.89 | pgd20 | 450 | 2.00 | 367.00 |"
+            in table)
+    assert "| sweeps/t/trials/a/seed-1 | unfinished | pretrain | — | — | — | — | — | — |" in table
+    assert "| diverged | failed | — | — | — | — | — | — | — |" in table
     assert len(table) == 2 + 4
     assert main(["runs", str(results_folder), "--csv"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0] == "run,status,stages,natural,robust,attack,images,seconds"
-    assert "lr,finished,\"['pretrain', 'finetune', 'evaluate']\",97.0,84.5,pgd20,450,367.0" in rows
+    assert rows[0] == "run,status,stages,natural,robust,attack,images,val_moved,seconds"
+    assert "lr,finished,\"['pretrain', 'finetune', 'evaluate']\",97.0,84.5,pgd20,450,,367.0" in rows
+
+
+def test_a_sweeps_trials_are_runs_though_only_their_results_hold_their_config(tmp_path, capsys):
+    """A sweep writes no config.json in its trials' folders: a one-seed trial is a run, a multi-seed
+    trial's summary is not (its seeds' runs are)."""
+    trials = tmp_path / "exp" / "trials"
+    for folder, record in (("a", {**RESULTS, "config": CONFIG}), ("b", {"config": CONFIG, "runs": 2}),
+                           ("b/seed-0", {**RESULTS, "config": CONFIG}), ("b/seed-1", {**RESULTS, "config": CONFIG})):
+        (trials / folder).mkdir(parents=True)
+        (trials / folder / "results.json").write_text(json.dumps(record))
+    _validations(trials / "b" / "seed-1", {18: 80.0, 21: 82.0, 24: 83.0, 25: 83.0})
+    assert main(["runs", str(tmp_path / "exp"), "--csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["trials/a", "trials/b/seed-0", "trials/b/seed-1"]
+    assert rows[2].endswith(",pgd20,450,3.0,367.0")
+    assert main(["compare", str(trials / "a"), str(trials / "b" / "seed-1")]) == 0
+    assert "| accuracy.pgd20 | 86.89 | 86.89 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scores, moved", [
+    ({30: 90.0, 33: 89.33, 36: 90.67, 39: 92.0, 40: 92.0}, 2.67),  # rising to the end
+    ({27: 95.0, 30: 91.33, 33: 90.67, 36: 92.67, 39: 90.67, 40: 90.67}, 2.0),  # epoch 27 is before the quarter
+    ({29: 88.0, 32: 93.33, 35: 93.33, 38: 94.0, 40: 94.0}, 6.0),  # the quarter starts from epoch 29's model
+    ({40: 94.0}, None), ({}, None)])
+def test_validation_moved_is_the_range_of_validation_pgd_over_the_last_quarter(scores, moved):
+    history = [{"epoch": done - 1, "loss": 1.0, **({"val_pgd": s} if s is not None else {})} for done, s in scores.items()]
+    result = validation_moved([{"epoch": 0, "loss": 2.0}, *history], 40)
+    assert result == (None if moved is None else pytest.approx(moved))
 
 
 def test_compare_shows_the_fields_that_differ_and_the_results_side_by_side(results_folder, capsys):
@@ -66,7 +105,7 @@ def test_a_folder_without_runs_is_a_named_error(tmp_path, capsys):
     assert main(["runs", str(tmp_path)]) == 2
     assert "no runs under" in capsys.readouterr().err
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
-    assert "is not a run folder (no config.json)" in capsys.readouterr().err
+    assert "is not a run folder (no config.json, nor a results.json with a config)" in capsys.readouterr().err
 
 
 def test_fixed_costs_split_each_stages_wall_time_into_computation_and_the_rest(tmp_path, capsys):
