@@ -102,7 +102,8 @@ def runs_table(root: str | Path, fmt: str = "markdown") -> str:
     root = Path(root)
     summaries = [run_summary(folder, root) for folder in find_runs(root)]
     if not summaries:
-        raise FileNotFoundError(f"no runs under {root} (a run folder holds the config.json mimir writes)")
+        raise FileNotFoundError(f"no runs under {root} (a run folder holds the config.json or results.json mimir "
+                                "writes)")
     header = ["run", "status", "stages", "natural", "robust", "attack", "images", "val_moved", "seconds"]
     return _render(header, [[s[k] for k in header] for s in summaries], fmt)
 
@@ -115,7 +116,8 @@ def compare_table(folders: list[str | Path], fmt: str = "markdown") -> str:
     for path in paths:
         config = run_config(path)
         if config is None:
-            raise FileNotFoundError(f"{path} is not a run folder (no config.json, nor a results.json with a config)")
+            raise FileNotFoundError(f"{path} is not a run folder (no config.json, nor a results.json with a "
+                                    "config)")
         configs.append(flatten(config))
     keys = sorted(set().union(*configs))
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
@@ -208,7 +210,7 @@ COST_COLUMNS = ("wall", "computation", "fixed", "start", "first_batch", "data_wa
 def fixed_costs_rows(root: str | Path) -> list[list[Any]]:
     """A row per finished stage of every run under the folder, and one per whole run (stage ``run``):
     the runs whose ``results.json`` records stage times."""
-    rows = []
+    root, rows = Path(root), []
     for run in find_runs(root):
         results = _read(run / "results.json")
         if results is None or "stage_times" not in results:

@@ -84,7 +84,7 @@ def test_a_sweeps_trials_are_runs_though_only_their_results_hold_their_config(tm
     ({29: 88.0, 32: 93.33, 35: 93.33, 38: 94.0, 40: 94.0}, 6.0),  # the quarter starts from epoch 29's model
     ({40: 94.0}, None), ({}, None)])
 def test_validation_moved_is_the_range_of_validation_pgd_over_the_last_quarter(scores, moved):
-    history = [{"epoch": done - 1, "loss": 1.0, **({"val_pgd": s} if s is not None else {})} for done, s in scores.items()]
+    history = [{"epoch": done - 1, "loss": 1.0, "val_pgd": score} for done, score in scores.items()]
     result = validation_moved([{"epoch": 0, "loss": 2.0}, *history], 40)
     assert result == (None if moved is None else pytest.approx(moved))
 
