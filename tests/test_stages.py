@@ -2,6 +2,7 @@
 other config stops before Ray starts, names what changed, and leaves the folder as it was."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,10 +60,11 @@ def test_a_changed_pretraining_config_is_refused_naming_the_field(finished):
 
 def test_a_changed_finetuning_config_keeps_the_pretraining_and_refuses_the_finetuning(finished):
     out, cfg = finished
-    changed = _config(out, "finetune.blr=0.01")
+    blr = cfg.finetune.blr * 2
+    changed = _config(out, f"finetune.blr={blr}")
     storage = stages.storage_root(changed)
     assert stages.check_stage("pretrain", changed, storage, "pretrain", resume=False)
-    with pytest.raises(errors.StageExistsError, match=r"finetune\.blr: 0\.02 -> 0\.01"):
+    with pytest.raises(errors.StageExistsError, match=re.escape(f"finetune.blr: {cfg.finetune.blr} -> {blr}")):
         stages.check_output(changed, config.STAGES)
     stages.check_output(changed, config.STAGES, overwrite=True)  # clears only what no longer fits
     assert stages.read_stage_record(storage, "pretrain") is not None
