@@ -4,11 +4,12 @@ Ray Data, so that a setting costs two to three minutes rather than a full `mimir
 augmentation draws differ from Ray Data's seeded ones, so its numbers compare settings with each
 other, not with `mimir run`.
 
-    python docs/digits_recipe_probe.py --crop padded finetune.batch_size=32 finetune.blr=2e-2
+    python docs/digits_recipe_probe.py data.finetune_crop=resized finetune.blr=2e-2
 
 prints one JSON line: test natural and PGD-20 accuracy, clean accuracy on the training digits,
 optimizer steps, seconds, and the validation PGD accuracy every 2 epochs. Pre-trainings are cached
-in --cache by their stage hash.
+in --cache by their stage hash; --pretrained CHECKPOINT fine-tunes from a `mimir` pre-training
+checkpoint instead (a run's ``pretrain/checkpoint_*`` folder, or one in a sweep's pre-training cache).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mimir.data.pipeline import random_crop
 from mimir.data.sources.digits import digits_arrays
 from mimir.mi import MIPenalty
 from mimir.models import build_classifier, build_mae, load_encoder_weights
+from mimir.train.checkpoint import load_weights
 from mimir.train.steps import (Precision, finetune_optimizer, finetune_step, lr_at, pretrain_optimizer,
                                pretrain_step, set_lr)
 
@@ -88,7 +90,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return 100 * natural / len(labels), 100 * robust / len(labels)
 
 
-def probe(cfg: RunConfig, cache: Path) -> dict:
+def probe(cfg: RunConfig, cache: Path, pretrained: Path | None = None) -> dict:
     arrays = digits_arrays()
     train_x, train_y = (torch.from_numpy(a) for a in arrays["train"])
     test_x, test_y = (torch.from_numpy(a) for a in arrays["test"])
@@ -96,7 +98,8 @@ def probe(cfg: RunConfig, cache: Path) -> dict:
     held = holdout(train_y.numpy(), cfg.finetune.validation.images, cfg.seed)
     kept = np.setdiff1d(np.arange(len(train_y)), held)
     started = time.perf_counter()
-    state = pretrain(cfg, train_x[kept], cache) if cfg.pretrain.enabled else None
+    state = (load_weights(pretrained) if pretrained is not None
+             else pretrain(cfg, train_x[kept], cache) if cfg.pretrain.enabled else None)
     pretrain_seconds = time.perf_counter() - started
     torch.manual_seed(cfg.seed * 1000)
     model = build_classifier(cfg, 10)
@@ -131,13 +134,14 @@ def main() -> None:
     parser.add_argument("--config", default=str(QUICKSTART))
     parser.add_argument("--cache", default="results/recipe-probe")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
+    parser.add_argument("--pretrained", type=Path, help="a mimir pre-training checkpoint folder to fine-tune from")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps({"overrides": args.overrides, **probe(cfg, cache)}), flush=True)
+    print(json.dumps({"overrides": args.overrides, **probe(cfg, cache, args.pretrained)}), flush=True)
 
 
 if __name__ == "__main__":
