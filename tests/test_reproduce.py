@@ -461,7 +461,8 @@ def test_an_evaluation_only_row_runs_through_tune_and_refuses_a_model_trained_ot
     (trained,) = _records(tmp_path / "source")
     assert record["row"] == "again" and record["evaluated_checkpoint"] == trained["evaluated_checkpoint"]
     assert failure["row"] == "other lr"
-    assert f"trained with another config: finetune.blr: {trained['config']['finetune']['blr']} -> 0.0001" in failure["reason"]
+    trained_blr = trained["config"]["finetune"]["blr"]
+    assert f"trained with another config: finetune.blr: {trained_blr} -> 0.0001" in failure["reason"]
     assert math.isfinite(record["accuracy"]["pgd20"])
 
 
